@@ -1,0 +1,60 @@
+"""RMSNorm, partial RoPE, SwiGLU and GQA attention: pure functions of (params, activations)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite "minus infinity": a query that sees no key gets a uniform (ignored) row, never NaN.
+NEG_INF = -1e30
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """HF LLaDA2 RMSNorm: normalise in float32, cast back to x.dtype, then scale by weight."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, rotary_dim: int, theta: float, dtype) -> tuple:
+  """cos/sin `[B, T, rotary_dim]` for absolute `positions` `[B, T]` (NeoX layout)."""
+  exponent = jnp.arange(0, rotary_dim, 2, dtype=jnp.int32).astype(jnp.float32) / rotary_dim
+  inv_freq = 1.0 / (theta ** exponent)
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_partial_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates the first `rotary_dim` features of each head of x `[B, T, N, d]` (rotate_half)."""
+  r = cos.shape[-1]
+  rot, rest = x[..., :r], x[..., r:]
+  x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  """`down(silu(x @ gate) * (x @ up))` with `[in, out]` weights."""
+  return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention (XLA path).
+
+  Args:
+    q: `[B, Tq, H, d]` queries; k, v: `[B, Tk, KV, d]` keys/values; H a multiple of KV
+      (query head h uses kv head h // (H // KV)).
+    mask: `[B, Tq, Tk]` bool, True where the query may attend the key.
+  Returns: `[B, Tq, H, d]` in q.dtype. Scores and softmax in float32, scale d^-0.5.
+  """
+  b, tq, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, tq, kv, h // kv, d)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (d ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, tq, h, d)

@@ -1,0 +1,172 @@
+"""The LLaDA2 MoE transformer as a pure function of (params, config, tokens, layout, cache)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from llada_jax import masks
+from llada_jax.config import ModelConfig
+from llada_jax.model import layers
+from llada_jax.model.moe import moe_block
+from llada_jax.model.params import Params
+
+# attention_fn(q [B,Tq,H,d], k [B,Tk,KV,d], v, q_layout, k_layout) -> [B,Tq,H,d]
+AttentionFn = Callable[..., jax.Array]
+
+
+def xla_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> jax.Array:
+  return layers.attention(q, k, v, masks.visible(q_layout, k_layout))
+
+
+ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
+
+
+def register_attention(name: str, fn: AttentionFn) -> None:
+  """Makes `attention_impl=name` available to `forward` (used by the kernels package)."""
+  ATTENTION_IMPLS[name] = fn
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+  """What one forward returns. Shapes: B batch, T tokens, L layers of a stack."""
+
+  logits: jax.Array | None  # [B, T, V] float32, None when not requested
+  kv: dict  # {stack: {"k", "v": [L, B, T, KV, d]}} keys/values of the input tokens
+  hidden_states: jax.Array | None = None  # [num_layers + 1, B, T, D] (HF convention)
+  router_logits: jax.Array | None = None  # [num_moe_layers, B, T, E] float32
+  router_idx: jax.Array | None = None  # [num_moe_layers, B, T, K] int32
+
+
+def _cast(tree: Any, dtype) -> Any:
+  def f(path, x):
+    if any(getattr(k, "key", None) == "router" for k in path):
+      return x
+    return x.astype(dtype)
+  return jax.tree_util.tree_map_with_path(f, tree)
+
+
+def _layer(c: ModelConfig, kind: str, attention_fn: AttentionFn, moe_impl: str,
+           x, p, cos, sin, q_layout, k_layout, cache_kv):
+  """One decoder layer on x `[B, T, D]`; returns (x, (k, v, router_logits, router_idx))."""
+  b, t, _ = x.shape
+  h_, kv_, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+  eps = c.rms_norm_eps
+  h = layers.rms_norm(x, p["input_norm"], eps)
+  qkv = (h @ p["attn"]["qkv"]).reshape(b, t, h_ + 2 * kv_, d)
+  q, k, v = qkv[:, :, :h_], qkv[:, :, h_:h_ + kv_], qkv[:, :, h_ + kv_:]
+  if c.use_qk_norm:
+    q = layers.rms_norm(q, p["attn"]["q_norm"], eps)
+    k = layers.rms_norm(k, p["attn"]["k_norm"], eps)
+  q = layers.apply_partial_rope(q, cos, sin)
+  k = layers.apply_partial_rope(k, cos, sin)
+  if cache_kv is not None:
+    keys = jnp.concatenate([cache_kv[0].astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache_kv[1].astype(v.dtype), v], axis=1)
+  else:
+    keys, values = k, v
+  o = attention_fn(q, keys, values, q_layout, k_layout)
+  x = x + o.reshape(b, t, h_ * d) @ p["attn"]["out"]
+  h = layers.rms_norm(x, p["post_norm"], eps)
+  if kind == "dense":
+    m = p["mlp"]
+    y, rl, ri = layers.swiglu(h, m["gate"], m["up"], m["down"]), None, None
+  else:
+    y, rl, ri = moe_block(p, h, c, impl=moe_impl)
+  return x + y, (k, v, rl, ri)
+
+
+def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: jax.Array,
+                 layout: masks.Layout, *, cache: dict | None = None,
+                 cache_layout: masks.Layout | None = None, with_logits: bool = True,
+                 collect: bool = False, attention_impl: str = "xla",
+                 moe_impl: str = "ragged") -> ForwardOutput:
+  """Runs the model on `tokens` `[B, T]` at absolute `positions` `[B, T]`.
+
+  Keys are the cache slots (described by `cache_layout`, `[B, S]`) followed by the tokens
+  themselves (described by `layout`); `masks.visible` decides who sees whom.
+  `collect=True` also returns per-layer hidden states and router outputs.
+  """
+  dtype = jnp.dtype(c.dtype)
+  p = _cast(params, dtype)
+  attention_fn = ATTENTION_IMPLS[attention_impl]
+  k_layout = layout if cache is None else cache_layout.concat(layout)
+  cos, sin = layers.rope_cos_sin(positions, c.rotary_dim, c.rope_theta, dtype)
+  x = p["embed"][tokens].astype(dtype)
+  hidden = [x] if collect else None
+  kv, router_logits, router_idx = {}, None, None
+  for kind in ("dense", "moe"):
+    if kind not in p:
+      continue
+    body = functools.partial(_layer, c, kind, attention_fn, moe_impl)
+
+    def step(x, xs, body=body):
+      lp, ckv = xs
+      x, (k, v, rl, ri) = body(x, lp, cos, sin, layout, k_layout, ckv)
+      return x, (k, v, rl, ri, x if collect else None)
+
+    stack_cache = None if cache is None else (cache[kind]["k"], cache[kind]["v"])
+    layer_params = {n: v for n, v in p[kind].items()}
+    x, (k, v, rl, ri, hs) = jax.lax.scan(step, x, (layer_params, stack_cache))
+    kv[kind] = {"k": k, "v": v}
+    if collect:
+      hidden.extend(list(hs))
+    if kind == "moe":
+      router_logits, router_idx = rl, ri
+  x = layers.rms_norm(x, p["final_norm"], c.rms_norm_eps)
+  logits = jnp.dot(x, p["lm_head"]).astype(jnp.float32) if with_logits else None
+  hs = None
+  if collect:
+    hs = jnp.stack(hidden[:-1] + [x])  # HF: the last entry is the final-normed state
+  return ForwardOutput(logits=logits, kv=kv, hidden_states=hs, router_logits=router_logits,
+                       router_idx=router_idx)
+
+
+@functools.partial(jax.jit, static_argnames=("c", "block_length", "attention_impl", "moe_impl",
+                                             "collect"))
+def _forward_jit(params, c, input_ids, position_ids, *, block_length, attention_impl, moe_impl,
+                 collect):
+  b, t = input_ids.shape
+  layout = masks.from_block_length(b, t, block_length)
+  return forward_core(params, c, input_ids, position_ids, layout, collect=collect,
+                      attention_impl=attention_impl, moe_impl=moe_impl)
+
+
+def _check_ids(c: ModelConfig, input_ids) -> jax.Array:
+  input_ids = jnp.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+  if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+  if input_ids.shape[1] > c.max_position_embeddings:
+    raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                     f"{c.max_position_embeddings}")
+  return input_ids.astype(jnp.int32)
+
+
+def forward(params: Params, config: ModelConfig, input_ids, *, block_length: int | None = None,
+            position_ids=None, attention_impl: str = "xla", moe_impl: str = "ragged",
+            return_all: bool = False):
+  """Logits `[B, T, V]` float32 of `input_ids` `[B, T]`.
+
+  `block_length=None` is fully bidirectional attention; an integer gives the block-causal
+  inference mask of that block length. `position_ids` default to `arange(T)`.
+  With `return_all=True` returns the whole `ForwardOutput` (hidden states, router outputs).
+  """
+  input_ids = _check_ids(config, input_ids)
+  b, t = input_ids.shape
+  if block_length is not None and (not isinstance(block_length, int) or block_length <= 0):
+    raise ValueError(f"block_length must be a positive integer or None, got {block_length!r}")
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {attention_impl!r}; choose from "
+                     f"{sorted(ATTENTION_IMPLS)}")
+  if position_ids is None:
+    position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  position_ids = jnp.broadcast_to(jnp.asarray(position_ids, jnp.int32), (b, t))
+  out = _forward_jit(params, config, input_ids, position_ids, block_length=block_length,
+                     attention_impl=attention_impl, moe_impl=moe_impl, collect=return_all)
+  return out if return_all else out.logits
