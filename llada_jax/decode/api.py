@@ -1,0 +1,115 @@
+"""`generate`: ragged prompts in, per-row outputs and statistics out (host side of decoding)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llada_jax.config import ModelConfig
+from llada_jax.decode.generate import Knobs, StaticSpec, decode_jit
+from llada_jax.decode.settings import DecodeSettings
+
+
+@dataclasses.dataclass
+class GenerateResult:
+  """Per-row results. `output_ids` are the generated tokens up to and including the first EOS."""
+
+  output_ids: list[list[int]]
+  nfe: list[int]  # counted model forwards (those whose logits updated the canvas)
+  tpf: list[float]  # tokens per forward: len(output_ids) / nfe
+  fills: list[int]  # Mask-to-Token fills
+  edits: list[int]  # Token-to-Token edits
+  commits: int  # uncounted cache-commit forwards (batch-wide)
+  settings: DecodeSettings
+  trajectory: list[list[dict]] | None = None  # per row, per forward: start, tokens, fill, edit
+
+  def as_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["settings"] = dataclasses.asdict(self.settings)
+    return d
+
+
+def prompt_bucket(max_prompt: int, block_length: int) -> int:
+  """Prompts are padded to a power-of-two number of blocks (one compilation per bucket)."""
+  blocks = max(1, -(-max_prompt // block_length))
+  return block_length * (1 << (blocks - 1).bit_length())
+
+
+def _check_prompts(prompts, config: ModelConfig, s: DecodeSettings) -> list[list[int]]:
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+    raise ValueError("prompts must be a non-empty list of token-id lists")
+  out = []
+  for i, p in enumerate(prompts):
+    p = [int(x) for x in np.asarray(p).reshape(-1)] if not isinstance(p, list) else p
+    if not p:
+      raise ValueError(f"prompt {i} is empty")
+    if min(p) < 0 or max(p) >= config.vocab_size:
+      raise ValueError(f"prompt {i} has a token id outside [0, {config.vocab_size})")
+    need = len(p) + s.gen_length
+    if need > config.max_position_embeddings:
+      raise ValueError(f"prompt {i} ({len(p)} tokens) plus gen_length {s.gen_length} exceeds "
+                       f"the model context of {config.max_position_embeddings} tokens")
+    out.append([int(x) for x in p])
+  return out
+
+
+def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
+             trajectory: bool = False, attention_impl: str = "xla", moe_impl: str = "ragged",
+             update_impl: str = "jnp", **overrides) -> GenerateResult:
+  """Decodes a batch of ragged prompts with block diffusion (see `DecodeSettings` for knobs).
+
+  `prompts` is a list of token-id lists. Row i samples with key fold_in(PRNGKey(seed), i).
+  Repeated calls with the same (batch, prompt bucket, gen_length, block_length, algorithm,
+  mbe_window, greedy) reuse the compiled program; thresholds and budgets are traced.
+  """
+  s = DecodeSettings.for_mode(mode, **overrides).with_ids(config.eos_token_id,
+                                                          config.mask_token_id)
+  s.validate(config.vocab_size)
+  rows = _check_prompts(prompts, config, s)
+  bl = s.block_length
+  bucket = prompt_bucket(max(map(len, rows)), bl)
+  canvas_len = bucket + -(-s.gen_length // bl) * bl
+  canvas = np.full((len(rows), canvas_len), s.mask_id, np.int32)
+  for i, p in enumerate(rows):
+    canvas[i, :len(p)] = p
+  prompt_len = np.array([len(p) for p in rows], np.int32)
+  record = 0
+  if trajectory:
+    record = (canvas_len // bl) * (bl * s.mbe_window + s.max_post_steps + 1)
+  spec = StaticSpec(canvas_length=canvas_len, prompt_bucket=bucket, gen_length=s.gen_length,
+                    block_length=bl, algorithm=s.algorithm, mbe_window=s.mbe_window,
+                    greedy=s.temperature == 0, trajectory=record,
+                    attention_impl=attention_impl, moe_impl=moe_impl, update_impl=update_impl)
+  base = jax.random.PRNGKey(s.seed)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(len(rows)))
+  out = decode_jit(params, config, jnp.asarray(canvas), jnp.asarray(prompt_len), keys,
+                   Knobs.from_settings(s), spec)
+  out = jax.device_get(out)
+  ids, tpf = [], []
+  for i in range(len(rows)):
+    toks = [int(x) for x in out["tokens"][i]]
+    if s.eos_id in toks:
+      toks = toks[: toks.index(s.eos_id) + 1]
+    ids.append(toks)
+    tpf.append(len(toks) / max(int(out["nfe"][i]), 1))
+  traj = None
+  if trajectory:
+    traj = []
+    for i in range(len(rows)):
+      steps = []
+      for k in range(record):
+        if out["traj_start"][k, i] < 0:
+          break
+        steps.append(dict(start=int(out["traj_start"][k, i]),
+                          tokens=out["traj_tokens"][k, i].tolist(),
+                          fill=out["traj_fill"][k, i].tolist(),
+                          edit=out["traj_edit"][k, i].tolist()))
+      traj.append(steps)
+  return GenerateResult(output_ids=ids, nfe=[int(x) for x in out["nfe"]], tpf=tpf,
+                        fills=[int(x) for x in out["fills"]],
+                        edits=[int(x) for x in out["edits"]], commits=int(out["commits"]),
+                        settings=s, trajectory=traj)

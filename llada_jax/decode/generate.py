@@ -1,0 +1,292 @@
+"""Jit-compiled block-diffusion decoding: one `lax.while_loop` over a per-row carry.
+
+Each iteration of the loop, for every row that is not done:
+  1. decides whether the row's active block is finished (SPEC 4.2 / 4.3 rules); if so, commits
+     the block that leaves the editing window to the KV cache (a separate, uncounted forward
+     computed from its final tokens), advances to the next block, and marks the row done at the
+     last block or on EOS;
+  2. runs one counted forward of the window (active block, or the last `mbe_window` blocks)
+     against the cache, samples, and applies the joint M2T + T2T update.
+Full prompt blocks are prefilled into the cache block-causally before the loop.
+
+The canvas is stored with `(mbe_window - 1) * block_length` padding slots on the left so that the
+window always has the same static length; canvas position p lives at index p + pad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from llada_jax import masks
+from llada_jax.config import ModelConfig
+from llada_jax.decode.settings import DecodeSettings
+from llada_jax.decode.update import sample, update_block
+from llada_jax.model import kv_cache
+from llada_jax.model.transformer import forward_core
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticSpec:
+  """Everything that fixes the compiled program's structure (one compilation per value)."""
+
+  canvas_length: int  # T, a multiple of block_length
+  prompt_bucket: int  # prompts are padded to this many slots (a multiple of block_length)
+  gen_length: int
+  block_length: int
+  algorithm: str
+  mbe_window: int
+  greedy: bool
+  trajectory: int  # 0 = off, else the number of forwards recorded per row
+  attention_impl: str = "xla"
+  moe_impl: str = "ragged"
+  update_impl: str = "jnp"
+
+
+@flax.struct.dataclass
+class Knobs:
+  """Traced settings: changing them does not recompile."""
+
+  threshold: jax.Array
+  editing_threshold: jax.Array
+  max_post_steps: jax.Array
+  num_to_transfer: jax.Array
+  steps: jax.Array
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+  eos_id: jax.Array
+  mask_id: jax.Array
+  eos_early_stop: jax.Array
+
+  @classmethod
+  def from_settings(cls, s: DecodeSettings) -> "Knobs":
+    f32, i32 = jnp.float32, jnp.int32
+    steps = min(s.steps, s.gen_length)  # steps = min(steps, gen_length // minimal_topk)
+    return cls(threshold=jnp.asarray(s.threshold, f32),
+               editing_threshold=jnp.asarray(s.editing_threshold, f32),
+               max_post_steps=jnp.asarray(s.max_post_steps, i32),
+               num_to_transfer=jnp.asarray(s.num_to_transfer, i32),
+               steps=jnp.asarray(steps, i32), temperature=jnp.asarray(s.temperature, f32),
+               top_k=jnp.asarray(s.top_k, i32), top_p=jnp.asarray(s.top_p, f32),
+               eos_id=jnp.asarray(s.eos_id, i32), mask_id=jnp.asarray(s.mask_id, i32),
+               eos_early_stop=jnp.asarray(s.eos_early_stop, bool))
+
+
+@flax.struct.dataclass
+class Carry:
+  """Loop state. B rows, T canvas length, pad = (mbe_window - 1) * block_length."""
+
+  params: Any
+  canvas: jax.Array  # [B, pad + T] int32
+  prompt_len: jax.Array  # [B]
+  first_block: jax.Array  # [B] block holding the first generated position
+  num_blocks: jax.Array  # [B] blocks up to the end of the row's generation
+  block: jax.Array  # [B] active (newest) block
+  counter: jax.Array  # [B] 2.1: post-unmasking steps; 2.0: denoising step in the block
+  converged: jax.Array  # [B] bool, 2.1: the last forward changed nothing in a mask-free window
+  done: jax.Array  # [B] bool
+  cache: dict
+  keys: jax.Array  # [B, 2] per-row PRNG keys
+  nfe: jax.Array  # [B] counted forwards
+  fills: jax.Array  # [B] M2T fills
+  edits: jax.Array  # [B] T2T edits
+  commits: jax.Array  # [] cache-commit forwards (uncounted)
+  iteration: jax.Array  # []
+  traj_start: jax.Array  # [R, B] window start position of each recorded forward (-1 = none)
+  traj_tokens: jax.Array  # [R, B, W] window tokens after the update
+  traj_fill: jax.Array  # [R, B, W] bool
+  traj_edit: jax.Array  # [R, B, W] bool
+
+
+def _slice_rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  """x `[B, N]` -> `[B, size]` taking x[b, start[b]:start[b]+size]."""
+  return jax.vmap(lambda r, s: jax.lax.dynamic_slice(r, (s,), (size,)))(x, start)
+
+
+def _write_rows(x: jax.Array, start: jax.Array, upd: jax.Array) -> jax.Array:
+  return jax.vmap(lambda r, s, u: jax.lax.dynamic_update_slice(r, u, (s,)))(x, start, upd)
+
+
+def _cache_layout(batch: int, length: int, valid_end: jax.Array, block_length: int):
+  slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  seg = jnp.where(slots < valid_end[:, None], 0, -1).astype(jnp.int32)
+  return masks.Layout(slots // block_length, jnp.zeros((batch, length), bool), seg)
+
+
+def _eos_in(canvas_pos_tokens, lo, hi, eos_id):
+  """Any EOS at canvas positions [lo, hi) per row. canvas_pos_tokens `[B, T]` (unpadded)."""
+  pos = jnp.arange(canvas_pos_tokens.shape[1])[None]
+  return jnp.any((canvas_pos_tokens == eos_id) & (pos >= lo[:, None]) & (pos < hi[:, None]), -1)
+
+
+def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
+            row_keys: jax.Array, knobs: Knobs, spec: StaticSpec):
+  bl, w = spec.block_length, spec.mbe_window
+  win = w * bl
+  pad = (w - 1) * bl
+  batch, t = canvas0.shape
+  v21 = spec.algorithm == "llada2.1"
+  fwd = functools.partial(forward_core, attention_impl=spec.attention_impl,
+                          moe_impl=spec.moe_impl)
+
+  first_block = prompt_len // bl
+  num_blocks = (prompt_len + spec.gen_length + bl - 1) // bl
+
+  # Prefill: every prompt block before first_block, block-causally, into the cache.
+  cache = kv_cache.init_cache(c, batch, t)
+  prefill_len = spec.prompt_bucket
+  pre_tokens = canvas0[:, :prefill_len]
+  pre_pos = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), pre_tokens.shape)
+  pre_seg = jnp.where(pre_pos < (first_block * bl)[:, None], 0, -1)
+  has_prefill = jnp.any(first_block > 0)
+
+  def prefill(cache):
+    # Only the prompt's full blocks matter; later slots are overwritten before they are valid.
+    out = fwd(params, c, pre_tokens, pre_pos, masks.block_causal(pre_pos, bl, pre_seg),
+              with_logits=False)
+    return kv_cache.write(cache, out.kv, jnp.zeros((batch,), jnp.int32))
+
+  cache = jax.lax.cond(has_prefill, prefill, lambda x: x, cache)
+
+  r = max(spec.trajectory, 1)
+  canvas = jnp.concatenate([jnp.full((batch, pad), knobs.mask_id, jnp.int32), canvas0], axis=1)
+  carry = Carry(
+      params=params, canvas=canvas, prompt_len=prompt_len, first_block=first_block,
+      num_blocks=num_blocks, block=first_block, counter=jnp.zeros((batch,), jnp.int32),
+      converged=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool), cache=cache,
+      keys=row_keys, nfe=jnp.zeros((batch,), jnp.int32), fills=jnp.zeros((batch,), jnp.int32),
+      edits=jnp.zeros((batch,), jnp.int32), commits=jnp.zeros((), jnp.int32),
+      iteration=jnp.zeros((), jnp.int32),
+      traj_start=jnp.full((r, batch), -1, jnp.int32),
+      traj_tokens=jnp.zeros((r, batch, win), jnp.int32),
+      traj_fill=jnp.zeros((r, batch, win), bool), traj_edit=jnp.zeros((r, batch, win), bool))
+
+  max_blocks = t // bl
+  max_iterations = max_blocks * (win + knobs.max_post_steps + 2) + 2
+
+  def window_of(cr: Carry):
+    """Window tokens `[B, W]`, their canvas positions, and which of them are live."""
+    start = (cr.block - (w - 1)) * bl  # canvas position of the window's first slot
+    tokens = _slice_rows(cr.canvas, start + pad, win)
+    pos = start[:, None] + jnp.arange(win, dtype=jnp.int32)[None]
+    live = pos >= (cr.first_block * bl)[:, None]  # earlier slots are in the cache already
+    return tokens, pos, live, start
+
+  def cond(cr: Carry):
+    return jnp.any(~cr.done) & (cr.iteration < max_iterations)
+
+  def body(cr: Carry) -> Carry:
+    # ---- 1. finish / commit / advance -------------------------------------------------------
+    tokens, pos, live, _ = window_of(cr)
+    any_mask = jnp.any((tokens == knobs.mask_id) & live, axis=-1)
+    if v21:
+      counter = cr.counter + (~any_mask).astype(jnp.int32)
+      finish = cr.converged | (counter > knobs.max_post_steps)
+    else:
+      counter = cr.counter
+      finish = (~any_mask) | (counter >= knobs.steps)
+    finish = finish & ~cr.done
+    gen_end = (cr.block + 1) * bl
+    flat = cr.canvas[:, pad:]
+    eos_seen = _eos_in(flat, cr.prompt_len, gen_end, knobs.eos_id)
+    eos_stop = eos_seen if not v21 else (eos_seen & knobs.eos_early_stop)
+    new_block = cr.block + finish.astype(jnp.int32)
+    done = cr.done | (finish & ((new_block >= cr.num_blocks) | eos_stop))
+    leaving = new_block - w  # block that leaves the window on this advance
+    commit_rows = finish & ~done & (leaving >= cr.first_block)
+
+    def commit(cache):
+      start = jnp.maximum(leaving, 0) * bl
+      toks = _slice_rows(flat, start, bl)
+      cpos = start[:, None] + jnp.arange(bl, dtype=jnp.int32)[None]
+      lay = masks.block_causal(cpos, bl)
+      out = fwd(cr.params, c, toks, cpos, lay, cache=cache,
+                cache_layout=_cache_layout(batch, t, start, bl), with_logits=False)
+      return kv_cache.write(cache, out.kv, start, commit_rows)
+
+    cache = jax.lax.cond(jnp.any(commit_rows), commit, lambda x: x, cr.cache)
+    cr = cr.replace(
+        block=new_block, done=done, cache=cache,
+        counter=jnp.where(finish, 0, counter), converged=cr.converged & ~finish,
+        commits=cr.commits + jnp.any(commit_rows).astype(jnp.int32))
+
+    # ---- 2. one counted forward of the window and the joint update ---------------------------
+    def step(cr: Carry) -> Carry:
+      active = ~cr.done
+      tokens, pos, live, start = window_of(cr)
+      cache_end = jnp.maximum(cr.block - (w - 1), cr.first_block) * bl
+      seg = jnp.where(live, 0, -1).astype(jnp.int32)
+      lay = masks.Layout(jnp.broadcast_to(cr.block[:, None], pos.shape),
+                         jnp.zeros(pos.shape, bool), seg)
+      out = fwd(cr.params, c, tokens, jnp.maximum(pos, 0), lay, cache=cr.cache,
+                cache_layout=_cache_layout(batch, t, cache_end, bl))
+      step_keys = jax.vmap(jax.random.fold_in)(cr.keys, cr.nfe)
+      tok, conf = sample(out.logits, step_keys, knobs.temperature, knobs.top_k, knobs.top_p,
+                         greedy=spec.greedy)
+      masked = (tokens == knobs.mask_id) & live
+      editable = live & ~masked & (pos >= cr.prompt_len[:, None])
+      if v21:
+        min_fill = jnp.broadcast_to(knobs.num_to_transfer, (batch,))
+        edit_thr = knobs.editing_threshold
+      else:
+        s = cr.counter
+        min_fill = bl // knobs.steps + (s < bl % knobs.steps).astype(jnp.int32)
+        edit_thr = jnp.inf
+      new, m2t, t2t = update_block(tokens, tok, conf, masked, editable, knobs.threshold,
+                                   edit_thr, min_fill)
+      m2t, t2t = m2t & active[:, None], t2t & active[:, None]
+      new = jnp.where(active[:, None], new, tokens)
+      canvas = _write_rows(cr.canvas, start + pad, new)
+      done = cr.done
+      if v21:
+        converged = active & ~jnp.any(masked, -1) & ~jnp.any(t2t, -1)
+        counter = cr.counter
+      else:
+        converged = cr.converged
+        counter = cr.counter + active.astype(jnp.int32)
+        # LLaDA2.0 early stop inside a block: an accepted EOS with no mask before the first EOS.
+        flat = canvas[:, pad:]
+        p = jnp.arange(t)[None]
+        after_prompt = p >= cr.prompt_len[:, None]
+        is_eos = (flat == knobs.eos_id) & after_prompt
+        first_eos = jnp.min(jnp.where(is_eos, p, t), axis=-1)
+        mask_before = jnp.any((flat == knobs.mask_id) & after_prompt & (p < first_eos[:, None]),
+                              -1)
+        accepted_eos = jnp.any(m2t & (tok == knobs.eos_id), -1)
+        done = done | (active & knobs.eos_early_stop & accepted_eos & ~mask_before
+                       & (first_eos < t))
+      ts, tt, tf, te = cr.traj_start, cr.traj_tokens, cr.traj_fill, cr.traj_edit
+      if spec.trajectory:
+        slot = jnp.where(active & (cr.nfe < r), cr.nfe, r)  # r = out of range: dropped
+        rows = jnp.arange(batch)
+        ts = ts.at[slot, rows].set(start, mode="drop")
+        tt = tt.at[slot, rows].set(new, mode="drop")
+        tf = tf.at[slot, rows].set(m2t, mode="drop")
+        te = te.at[slot, rows].set(t2t, mode="drop")
+      return cr.replace(
+          canvas=canvas, done=done, converged=converged, counter=counter,
+          nfe=cr.nfe + active.astype(jnp.int32),
+          fills=cr.fills + jnp.sum(m2t, -1).astype(jnp.int32),
+          edits=cr.edits + jnp.sum(t2t, -1).astype(jnp.int32),
+          traj_start=ts, traj_tokens=tt, traj_fill=tf, traj_edit=te)
+
+    cr = jax.lax.cond(jnp.any(~cr.done), step, lambda x: x, cr)
+    return cr.replace(iteration=cr.iteration + 1)
+
+  cr = jax.lax.while_loop(cond, body, carry)
+  flat = cr.canvas[:, pad:]
+  out = _slice_rows(jnp.concatenate(
+      [flat, jnp.full((batch, spec.gen_length), knobs.mask_id, jnp.int32)], axis=1),
+      prompt_len, spec.gen_length)
+  return dict(tokens=out, nfe=cr.nfe, fills=cr.fills, edits=cr.edits, commits=cr.commits,
+              iterations=cr.iteration, traj_start=cr.traj_start, traj_tokens=cr.traj_tokens,
+              traj_fill=cr.traj_fill, traj_edit=cr.traj_edit)
+
+
+decode_jit = jax.jit(_decode, static_argnames=("c", "spec"))
