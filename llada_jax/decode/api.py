@@ -59,10 +59,13 @@ def _check_prompts(prompts, config: ModelConfig, s: DecodeSettings) -> list[list
 
 def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
              trajectory: bool = False, attention_impl: str = "xla", moe_impl: str = "ragged",
-             update_impl: str = "jnp", **overrides) -> GenerateResult:
+             update_impl: str = "jnp", use_cache: bool = True, batch_invariant: bool = False, **overrides) -> GenerateResult:
   """Decodes a batch of ragged prompts with block diffusion (see `DecodeSettings` for knobs).
 
   `prompts` is a list of token-id lists. Row i samples with key fold_in(PRNGKey(seed), i).
+  `batch_invariant=True` runs rows one at a time inside the compiled loop, so a row's result is
+  bitwise independent of the batch it shares (XLA's numerics depend on shapes otherwise).
+  `use_cache=False` recomputes the whole canvas every step (the reference's way; a baseline).
   Repeated calls with the same (batch, prompt bucket, gen_length, block_length, algorithm,
   mbe_window, greedy) reuse the compiled program; thresholds and budgets are traced.
   """
@@ -83,7 +86,8 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
   spec = StaticSpec(canvas_length=canvas_len, prompt_bucket=bucket, gen_length=s.gen_length,
                     block_length=bl, algorithm=s.algorithm, mbe_window=s.mbe_window,
                     greedy=s.temperature == 0, trajectory=record,
-                    attention_impl=attention_impl, moe_impl=moe_impl, update_impl=update_impl)
+                    attention_impl=attention_impl, moe_impl=moe_impl, update_impl=update_impl,
+                    use_cache=use_cache, batch_invariant=batch_invariant)
   base = jax.random.PRNGKey(s.seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(len(rows)))
   out = decode_jit(params, config, jnp.asarray(canvas), jnp.asarray(prompt_len), keys,

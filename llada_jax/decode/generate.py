@@ -28,7 +28,7 @@ from llada_jax.config import ModelConfig
 from llada_jax.decode.settings import DecodeSettings
 from llada_jax.decode.update import sample, update_block
 from llada_jax.model import kv_cache
-from llada_jax.model.transformer import forward_core
+from llada_jax.model.transformer import ForwardOutput, forward_core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,8 @@ class StaticSpec:
   attention_impl: str = "xla"
   moe_impl: str = "ragged"
   update_impl: str = "jnp"
+  use_cache: bool = True  # False: recompute the whole canvas every step (the reference way)
+  batch_invariant: bool = False  # True: rows run one at a time (bitwise batch-independent)
 
 
 @flax.struct.dataclass
@@ -104,9 +106,55 @@ class Carry:
   traj_edit: jax.Array  # [R, B, W] bool
 
 
+def _row_mapped(fwd, enabled: bool):
+  """With `enabled`, runs `forward_core` one row at a time under `lax.map`, so each row's
+  arithmetic (XLA's fusion and tiling choices depend on shapes) never depends on the batch."""
+  if not enabled:
+    return fwd
+
+  def run(params, c, tokens, positions, layout, *, cache=None, cache_layout=None,
+          with_logits=True):
+    take = lambda x, axis=0: jax.lax.dynamic_slice_in_dim(x, i_ref[0], 1, axis=axis)
+    i_ref = [None]
+
+    def body(i):
+      i_ref[0] = i
+      out = fwd(params, c, take(tokens), take(positions), jax.tree_util.tree_map(take, layout),
+                cache=None if cache is None else jax.tree_util.tree_map(
+                    lambda x: take(x, 1), cache),
+                cache_layout=None if cache_layout is None else jax.tree_util.tree_map(
+                    take, cache_layout),
+                with_logits=with_logits)
+      return (out.logits[0] if with_logits else None,
+              jax.tree_util.tree_map(lambda x: x[:, 0], out.kv))
+
+    logits, kv = jax.lax.map(body, jnp.arange(tokens.shape[0]))
+    return ForwardOutput(logits=logits,
+                         kv=jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), kv))
+  return run
+
+
+def _row_mapped_sampler(enabled: bool):
+  if not enabled:
+    return sample
+
+  def run(logits, keys, temperature, top_k, top_p, *, greedy):
+    def body(xs):
+      lg, k = xs
+      tok, conf = sample(lg[None], k[None], temperature, top_k, top_p, greedy=greedy)
+      return tok[0], conf[0]
+    return jax.lax.map(body, (logits, keys))
+  return run
+
+
 def _slice_rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
   """x `[B, N]` -> `[B, size]` taking x[b, start[b]:start[b]+size]."""
   return jax.vmap(lambda r, s: jax.lax.dynamic_slice(r, (s,), (size,)))(x, start)
+
+
+def _slice_rows_3d(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  """x `[B, N, V]` -> `[B, size, V]` taking x[b, start[b]:start[b]+size]."""
+  return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, axis=0))(x, start)
 
 
 def _write_rows(x: jax.Array, start: jax.Array, upd: jax.Array) -> jax.Array:
@@ -132,8 +180,9 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
   pad = (w - 1) * bl
   batch, t = canvas0.shape
   v21 = spec.algorithm == "llada2.1"
-  fwd = functools.partial(forward_core, attention_impl=spec.attention_impl,
-                          moe_impl=spec.moe_impl)
+  fwd = _row_mapped(functools.partial(forward_core, attention_impl=spec.attention_impl,
+                                      moe_impl=spec.moe_impl), spec.batch_invariant)
+  sampler = _row_mapped_sampler(spec.batch_invariant)
 
   first_block = prompt_len // bl
   num_blocks = (prompt_len + spec.gen_length + bl - 1) // bl
@@ -152,7 +201,10 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
               with_logits=False)
     return kv_cache.write(cache, out.kv, jnp.zeros((batch,), jnp.int32))
 
-  cache = jax.lax.cond(has_prefill, prefill, lambda x: x, cache)
+  if spec.use_cache:
+    cache = jax.lax.cond(has_prefill, prefill, lambda x: x, cache)
+  else:
+    cache = {}
 
   r = max(spec.trajectory, 1)
   canvas = jnp.concatenate([jnp.full((batch, pad), knobs.mask_id, jnp.int32), canvas0], axis=1)
@@ -177,6 +229,19 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
     pos = start[:, None] + jnp.arange(win, dtype=jnp.int32)[None]
     live = pos >= (cr.first_block * bl)[:, None]  # earlier slots are in the cache already
     return tokens, pos, live, start
+
+  def _recompute_window_logits(cr: Carry, tokens, start, live):
+    """No-cache baseline: the whole canvas, block-causal, with the live window as one block."""
+    flat = cr.canvas[:, pad:]
+    p = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+    in_window = (p >= jnp.maximum(start, cr.first_block * bl)[:, None]) & (
+        p < ((cr.block + 1) * bl)[:, None])
+    blk = jnp.where(in_window, cr.block[:, None], p // bl)
+    lay = masks.Layout(blk, jnp.zeros((batch, t), bool), jnp.zeros((batch, t), jnp.int32))
+    logits = fwd(cr.params, c, flat, p, lay).logits
+    return _slice_rows_3d(jnp.concatenate(
+        [jnp.zeros((batch, pad) + logits.shape[2:], logits.dtype), logits], axis=1),
+        start + pad, win)
 
   def cond(cr: Carry):
     return jnp.any(~cr.done) & (cr.iteration < max_iterations)
@@ -210,7 +275,10 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
                 cache_layout=_cache_layout(batch, t, start, bl), with_logits=False)
       return kv_cache.write(cache, out.kv, start, commit_rows)
 
-    cache = jax.lax.cond(jnp.any(commit_rows), commit, lambda x: x, cr.cache)
+    if spec.use_cache:
+      cache = jax.lax.cond(jnp.any(commit_rows), commit, lambda x: x, cr.cache)
+    else:
+      cache = cr.cache
     cr = cr.replace(
         block=new_block, done=done, cache=cache,
         counter=jnp.where(finish, 0, counter), converged=cr.converged & ~finish,
@@ -220,15 +288,19 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
     def step(cr: Carry) -> Carry:
       active = ~cr.done
       tokens, pos, live, start = window_of(cr)
-      cache_end = jnp.maximum(cr.block - (w - 1), cr.first_block) * bl
-      seg = jnp.where(live, 0, -1).astype(jnp.int32)
-      lay = masks.Layout(jnp.broadcast_to(cr.block[:, None], pos.shape),
-                         jnp.zeros(pos.shape, bool), seg)
-      out = fwd(cr.params, c, tokens, jnp.maximum(pos, 0), lay, cache=cr.cache,
-                cache_layout=_cache_layout(batch, t, cache_end, bl))
+      if spec.use_cache:
+        cache_end = jnp.maximum(cr.block - (w - 1), cr.first_block) * bl
+        seg = jnp.where(live, 0, -1).astype(jnp.int32)
+        lay = masks.Layout(jnp.broadcast_to(cr.block[:, None], pos.shape),
+                           jnp.zeros(pos.shape, bool), seg)
+        out = fwd(cr.params, c, tokens, jnp.maximum(pos, 0), lay, cache=cr.cache,
+                  cache_layout=_cache_layout(batch, t, cache_end, bl))
+        logits = out.logits
+      else:
+        logits = _recompute_window_logits(cr, tokens, start, live)
       step_keys = jax.vmap(jax.random.fold_in)(cr.keys, cr.nfe)
-      tok, conf = sample(out.logits, step_keys, knobs.temperature, knobs.top_k, knobs.top_p,
-                         greedy=spec.greedy)
+      tok, conf = sampler(logits, step_keys, knobs.temperature, knobs.top_k, knobs.top_p,
+                          greedy=spec.greedy)
       masked = (tokens == knobs.mask_id) & live
       editable = live & ~masked & (pos >= cr.prompt_len[:, None])
       if v21:
