@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from llada_jax import masks
 from llada_jax.config import ModelConfig
 from llada_jax.decode.settings import DecodeSettings
-from llada_jax.decode.update import sample, update_block
+from llada_jax.decode.update import get_update, sample
 from llada_jax.model import kv_cache
 from llada_jax.model.transformer import ForwardOutput, forward_core
 
@@ -310,7 +310,8 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
         s = cr.counter
         min_fill = bl // knobs.steps + (s < bl % knobs.steps).astype(jnp.int32)
         edit_thr = jnp.inf
-      new, m2t, t2t = update_block(tokens, tok, conf, masked, editable, knobs.threshold,
+      new, m2t, t2t = get_update(spec.update_impl)(
+          tokens, tok, conf, masked, editable, knobs.threshold,
                                    edit_thr, min_fill)
       m2t, t2t = m2t & active[:, None], t2t & active[:, None]
       new = jnp.where(active[:, None], new, tokens)

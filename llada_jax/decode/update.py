@@ -5,6 +5,8 @@ Shapes: B rows, W window positions, V vocabulary.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
@@ -74,3 +76,25 @@ def update_block(old: jax.Array, tok: jax.Array, conf: jax.Array, masked: jax.Ar
   t2t = (~masked) & editable & (conf > editing_threshold) & (tok != old)
   new = jnp.where(m2t | t2t, tok, old)
   return new, m2t, t2t
+
+
+# impl(old, tok, conf, masked, editable, threshold, editing_threshold, min_fill) -> same as
+# `update_block`. Other implementations (the fused Pallas kernel) register themselves.
+UPDATE_IMPLS = {"jnp": update_block}
+_LAZY_UPDATE = {"pallas": "llada_jax.kernels"}
+
+
+def register_update(name: str, fn) -> None:
+  UPDATE_IMPLS[name] = fn
+
+
+def update_names() -> list[str]:
+  return sorted(set(UPDATE_IMPLS) | set(_LAZY_UPDATE))
+
+
+def get_update(name: str):
+  if name not in UPDATE_IMPLS and name in _LAZY_UPDATE:
+    importlib.import_module(_LAZY_UPDATE[name])
+  if name not in UPDATE_IMPLS:
+    raise ValueError(f"unknown update_impl {name!r}; choose from {update_names()}")
+  return UPDATE_IMPLS[name]

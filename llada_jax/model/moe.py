@@ -58,14 +58,24 @@ def experts_dense(x: jax.Array, idx: jax.Array, gate, up, down) -> jax.Array:
   return jnp.take_along_axis(all_out, idx[:, :, None], axis=1)
 
 
+# impl(x [N, D], idx [N, K], gate [E, D, F], up [E, D, F], down [E, F, D]) -> [N, K, D]
+EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+
+
+def register_experts(name: str, fn) -> None:
+  """Makes `moe_impl=name` available (e.g. expert parallelism from `llada_jax.parallel`)."""
+  EXPERT_IMPLS[name] = fn
+
+
 def moe_block(p: dict, x: jax.Array, c: ModelConfig, *, impl: str = "ragged"):
   """MoE FFN on `[B, T, D]` activations; returns (output `[B, T, D]`, router logits, idx)."""
   b, t, d = x.shape
   flat = x.reshape(b * t, d)
   logits, idx, w = route(flat, p["router"]["weight"], p["router"]["expert_bias"], c)
   ex = p["experts"]
-  fn = {"ragged": experts_ragged, "dense": experts_dense}[impl]
-  outs = fn(flat, idx, ex["gate"], ex["up"], ex["down"])
+  if impl not in EXPERT_IMPLS:
+    raise ValueError(f"unknown moe_impl {impl!r}; choose from {sorted(EXPERT_IMPLS)}")
+  outs = EXPERT_IMPLS[impl](flat, idx, ex["gate"], ex["up"], ex["down"])
   y = jnp.einsum("nkd,nk->nd", outs.astype(jnp.float32), w).astype(x.dtype)
   if "shared" in p:
     s = p["shared"]

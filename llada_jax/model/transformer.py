@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable
 
 import flax.struct
@@ -24,11 +25,25 @@ def xla_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> ja
 
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
+# Implementations living in other packages, imported (and registered) on first use.
+_LAZY_ATTENTION = {"pallas": "llada_jax.kernels", "splash": "llada_jax.kernels"}
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
   """Makes `attention_impl=name` available to `forward` (used by the kernels package)."""
   ATTENTION_IMPLS[name] = fn
+
+
+def attention_names() -> list[str]:
+  return sorted(set(ATTENTION_IMPLS) | set(_LAZY_ATTENTION))
+
+
+def get_attention(name: str) -> AttentionFn:
+  if name not in ATTENTION_IMPLS and name in _LAZY_ATTENTION:
+    importlib.import_module(_LAZY_ATTENTION[name])
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {name!r}; choose from {attention_names()}")
+  return ATTENTION_IMPLS[name]
 
 
 @flax.struct.dataclass
@@ -93,7 +108,7 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   """
   dtype = jnp.dtype(c.dtype)
   p = _cast(params, dtype)
-  attention_fn = ATTENTION_IMPLS[attention_impl]
+  attention_fn = get_attention(attention_impl)
   k_layout = layout if cache is None else cache_layout.concat(layout)
   cos, sin = layers.rope_cos_sin(positions, c.rotary_dim, c.rope_theta, dtype)
   x = p["embed"][tokens].astype(dtype)
@@ -161,9 +176,7 @@ def forward(params: Params, config: ModelConfig, input_ids, *, block_length: int
   b, t = input_ids.shape
   if block_length is not None and (not isinstance(block_length, int) or block_length <= 0):
     raise ValueError(f"block_length must be a positive integer or None, got {block_length!r}")
-  if attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"unknown attention_impl {attention_impl!r}; choose from "
-                     f"{sorted(ATTENTION_IMPLS)}")
+  get_attention(attention_impl)  # raises on an unknown name
   if position_ids is None:
     position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   position_ids = jnp.broadcast_to(jnp.asarray(position_ids, jnp.int32), (b, t))
