@@ -311,8 +311,7 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
         min_fill = bl // knobs.steps + (s < bl % knobs.steps).astype(jnp.int32)
         edit_thr = jnp.inf
       new, m2t, t2t = get_update(spec.update_impl)(
-          tokens, tok, conf, masked, editable, knobs.threshold,
-                                   edit_thr, min_fill)
+          tokens, tok, conf, masked, editable, knobs.threshold, edit_thr, min_fill)
       m2t, t2t = m2t & active[:, None], t2t & active[:, None]
       new = jnp.where(active[:, None], new, tokens)
       canvas = _write_rows(cr.canvas, start + pad, new)
