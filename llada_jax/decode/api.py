@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.config import ModelConfig
-from llada_jax.decode.generate import Knobs, StaticSpec, decode_jit
+from llada_jax.decode.generate import STREAM_HANDLERS, Knobs, StaticSpec, decode_jit
 from llada_jax.decode.settings import DecodeSettings
 
 
@@ -59,12 +59,15 @@ def _check_prompts(prompts, config: ModelConfig, s: DecodeSettings) -> list[list
 
 def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
              trajectory: bool = False, attention_impl: str = "xla", moe_impl: str = "ragged",
-             update_impl: str = "jnp", use_cache: bool = True, batch_invariant: bool = False, **overrides) -> GenerateResult:
+             update_impl: str = "jnp", use_cache: bool = True, batch_invariant: bool = False, on_block=None,
+             **overrides) -> GenerateResult:
   """Decodes a batch of ragged prompts with block diffusion (see `DecodeSettings` for knobs).
 
   `prompts` is a list of token-id lists. Row i samples with key fold_in(PRNGKey(seed), i).
   `batch_invariant=True` runs rows one at a time inside the compiled loop, so a row's result is
   bitwise independent of the batch it shares (XLA's numerics depend on shapes otherwise).
+  `on_block(rows, block, canvas, prompt_len)` (numpy arrays) is called from the compiled loop
+  each time rows finish a block (streaming; compiled separately from the silent program).
   `use_cache=False` recomputes the whole canvas every step (the reference's way; a baseline).
   Repeated calls with the same (batch, prompt bucket, gen_length, block_length, algorithm,
   mbe_window, greedy) reuse the compiled program; thresholds and budgets are traced.
@@ -87,12 +90,21 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
                     block_length=bl, algorithm=s.algorithm, mbe_window=s.mbe_window,
                     greedy=s.temperature == 0, trajectory=record,
                     attention_impl=attention_impl, moe_impl=moe_impl, update_impl=update_impl,
-                    use_cache=use_cache, batch_invariant=batch_invariant)
+                    use_cache=use_cache, batch_invariant=batch_invariant,
+                    stream=on_block is not None)
   base = jax.random.PRNGKey(s.seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(len(rows)))
-  out = decode_jit(params, config, jnp.asarray(canvas), jnp.asarray(prompt_len), keys,
-                   Knobs.from_settings(s), spec)
-  out = jax.device_get(out)
+  if on_block is not None:
+    STREAM_HANDLERS.append(on_block)
+  try:
+    out = decode_jit(params, config, jnp.asarray(canvas), jnp.asarray(prompt_len), keys,
+                     Knobs.from_settings(s), spec)
+    out = jax.device_get(out)
+    if on_block is not None:
+      jax.effects_barrier()
+  finally:
+    if on_block is not None:
+      STREAM_HANDLERS.remove(on_block)
   ids, tpf = [], []
   for i in range(len(rows)):
     toks = [int(x) for x in out["tokens"][i]]

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llada_jax import masks
 from llada_jax.config import ModelConfig
@@ -48,6 +49,7 @@ class StaticSpec:
   update_impl: str = "jnp"
   use_cache: bool = True  # False: recompute the whole canvas every step (the reference way)
   batch_invariant: bool = False  # True: rows run one at a time (bitwise batch-independent)
+  stream: bool = False  # True: host callback `on_block` whenever rows finish a block
 
 
 @flax.struct.dataclass
@@ -104,6 +106,16 @@ class Carry:
   traj_tokens: jax.Array  # [R, B, W] window tokens after the update
   traj_fill: jax.Array  # [R, B, W] bool
   traj_edit: jax.Array  # [R, B, W] bool
+
+
+# Host handlers for streaming: called as handler(rows [B] bool, block [B], canvas [B, T],
+# prompt_len [B]) with numpy arrays each time some rows finish a block.
+STREAM_HANDLERS: list = []
+
+
+def _stream_dispatch(rows, block, canvas, prompt_len):
+  for handler in list(STREAM_HANDLERS):
+    handler(np.asarray(rows), np.asarray(block), np.asarray(canvas), np.asarray(prompt_len))
 
 
 def _row_mapped(fwd, enabled: bool):
@@ -279,6 +291,9 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
       cache = jax.lax.cond(jnp.any(commit_rows), commit, lambda x: x, cr.cache)
     else:
       cache = cr.cache
+    if spec.stream:
+      jax.lax.cond(jnp.any(finish), lambda: jax.debug.callback(
+          _stream_dispatch, finish, cr.block, flat, cr.prompt_len, ordered=True), lambda: None)
     cr = cr.replace(
         block=new_block, done=done, cache=cache,
         counter=jnp.where(finish, 0, counter), converged=cr.converged & ~finish,

@@ -1,0 +1,164 @@
+"""Decode with a LLaDA2 checkpoint: `python -m llada_jax.decode --mode=quality --prompt "..."`.
+
+Errors (bad flags, unknown mode, bad checkpoint, prompt too long or empty, no tokenizer for
+--prompt) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from llada_jax.decode.settings import ALGORITHMS, MODES
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
+                                  "default_model")
+
+
+class UsageError(Exception):
+  pass
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line instead of argparse's usage block
+    raise UsageError(message)
+
+
+def _bool_flag(p, name, help_):
+  p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                 default=None, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m llada_jax.decode", description="LLaDA2 block-diffusion decoding")
+  p.add_argument("--checkpoint", default=None,
+                 help="HF checkpoint directory (default: the embedded model)")
+  p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+  p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
+  p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+  p.add_argument("--mode", default="quality", help=f"one of {', '.join(MODES)}")
+  p.add_argument("--algorithm", default=None, help=f"one of {', '.join(ALGORITHMS)}")
+  p.add_argument("--gen-length", type=int, default=128)
+  p.add_argument("--block-length", type=int, default=None)
+  p.add_argument("--threshold", type=float, default=None)
+  p.add_argument("--editing-threshold", type=float, default=None)
+  p.add_argument("--max-post-steps", type=int, default=None)
+  p.add_argument("--num-to-transfer", type=int, default=None)
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--temperature", type=float, default=None)
+  p.add_argument("--top-k", type=int, default=None)
+  p.add_argument("--top-p", type=float, default=None)
+  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--eos-id", type=int, default=None, help="default: from the config")
+  p.add_argument("--mask-id", type=int, default=None, help="default: from the config")
+  _bool_flag(p, "eos-early-stop", "stop a row at its first EOS (default: on)")
+  p.add_argument("--mbe-window", type=int, default=None, help="multi-block editing window")
+  p.add_argument("--attention-impl", default="xla", help="xla | pallas | splash")
+  p.add_argument("--update-impl", default="jnp", help="jnp | pallas")
+  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+  p.add_argument("--batch-invariant", action="store_true",
+                 help="run rows one at a time (bitwise independent of the batch)")
+  p.add_argument("--stream", action="store_true", help="print each block as it is committed")
+  p.add_argument("--format", default="text", choices=["text", "json"])
+  return p
+
+
+def _settings_overrides(args) -> dict:
+  keys = ("algorithm", "gen_length", "block_length", "threshold", "editing_threshold",
+          "max_post_steps", "num_to_transfer", "steps", "temperature", "top_k", "top_p", "seed",
+          "eos_id", "mask_id", "eos_early_stop", "mbe_window")
+  return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _parse_ids(text: str) -> list[int]:
+  try:
+    ids = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+  if not ids:
+    raise UsageError("--prompt-ids is empty")
+  return ids
+
+
+def run(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  if args.mode not in MODES:
+    raise UsageError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
+  if not args.prompt and not args.prompt_ids:
+    raise UsageError("give --prompt TEXT or --prompt-ids 1,2,3")
+  ckpt = args.checkpoint or DEFAULT_CHECKPOINT
+  if args.checkpoint is None and not os.path.isdir(ckpt):
+    raise UsageError("no --checkpoint given and no embedded default model is installed")
+
+  import llada_jax
+  from llada_jax.decode.settings import DecodeSettings
+  from llada_jax.tokenizer import Tokenizer
+  # Validate settings before the (slow) checkpoint load.
+  block_length = DecodeSettings.for_mode(args.mode, **_settings_overrides(args)).block_length
+
+  tokenizer = None
+  if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
+    tokenizer = Tokenizer.from_dir(ckpt)
+  prompts = []
+  for text in args.prompt or []:
+    if tokenizer is None:
+      raise UsageError(f"--prompt needs a tokenizer.json in {ckpt}; use --prompt-ids instead")
+    if not text.strip():
+      raise UsageError("empty prompt")
+    if tokenizer.chat_template and not args.no_chat:
+      text = tokenizer.apply_chat_template(text)
+    prompts.append(tokenizer.encode(text))
+  prompts += [_parse_ids(x) for x in args.prompt_ids or []]
+
+  config, params = llada_jax.load_hf_checkpoint(ckpt, dtype=args.dtype)
+  on_block = None
+  if args.stream and args.format == "text":
+    def on_block(rows, block, canvas, prompt_len):
+      for i in rows.nonzero()[0]:
+        lo = max(int(prompt_len[i]), int(block[i]) * block_length)
+        ids = canvas[i, lo:(int(block[i]) + 1) * block_length].tolist()
+        shown = tokenizer.decode(ids) if tokenizer else " ".join(map(str, ids))
+        print(f"[row {i} block {int(block[i])}] {shown}", flush=True)
+  t0 = time.perf_counter()
+  result = llada_jax.generate(params, config, prompts, mode=args.mode,
+                              attention_impl=args.attention_impl, update_impl=args.update_impl,
+                              batch_invariant=args.batch_invariant, on_block=on_block,
+                              **_settings_overrides(args))
+  seconds = time.perf_counter() - t0
+  rows = []
+  for i, ids in enumerate(result.output_ids):
+    row = dict(output_ids=ids, nfe=result.nfe[i], tpf=result.tpf[i], fills=result.fills[i],
+               edits=result.edits[i])
+    if tokenizer is not None:
+      row["text"] = tokenizer.decode(ids)
+    rows.append(row)
+  if args.format == "json":
+    out = dict(rows[0]) if len(rows) == 1 else {"rows": rows}
+    out.update(settings=dataclasses.asdict(result.settings), mode=args.mode,
+               checkpoint=os.path.abspath(ckpt), seconds=round(seconds, 3))
+    print(json.dumps(out))
+  else:
+    for i, row in enumerate(rows):
+      body = row.get("text", " ".join(map(str, row["output_ids"])))
+      prefix = f"[{i}] " if len(rows) > 1 else ""
+      print(f"{prefix}{body}")
+      print(f"{prefix}-- {len(row['output_ids'])} tokens, nfe {row['nfe']}, "
+            f"tpf {row['tpf']:.2f}, fills {row['fills']}, edits {row['edits']}, "
+            f"mode {args.mode}, {seconds:.1f}s (incl. compile)")
+  return 0
+
+
+def main(argv=None) -> int:
+  try:
+    return run(argv)
+  except (UsageError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
