@@ -117,9 +117,7 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
     traj = []
     for i in range(len(rows)):
       steps = []
-      for k in range(record):
-        if out["traj_start"][k, i] < 0:
-          break
+      for k in range(min(record, int(out["nfe"][i]))):
         steps.append(dict(start=int(out["traj_start"][k, i]),
                           tokens=out["traj_tokens"][k, i].tolist(),
                           fill=out["traj_fill"][k, i].tolist(),

@@ -102,7 +102,7 @@ class Carry:
   edits: jax.Array  # [B] T2T edits
   commits: jax.Array  # [] cache-commit forwards (uncounted)
   iteration: jax.Array  # []
-  traj_start: jax.Array  # [R, B] window start position of each recorded forward (-1 = none)
+  traj_start: jax.Array  # [R, B] canvas position of the window start of each recorded forward
   traj_tokens: jax.Array  # [R, B, W] window tokens after the update
   traj_fill: jax.Array  # [R, B, W] bool
   traj_edit: jax.Array  # [R, B, W] bool

@@ -1,0 +1,71 @@
+"""Shared fixtures: the golden checkpoints, loaded once per session."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import llada_jax
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURE_NAMES = ("llada2_tiny", "llada2_tiny_groups")
+
+
+class Golden:
+  """One fixture set: its directory, config, params, golden arrays and generate runs."""
+
+  def __init__(self, name):
+    self.name = name
+    self.dir = os.path.join(FIXTURES, name)
+    self.config, self.params = llada_jax.load_hf_checkpoint(self.dir)
+    self.npz = dict(np.load(os.path.join(self.dir, "golden.npz")))
+    with open(os.path.join(self.dir, "golden.json")) as f:
+      self.json = json.load(f)
+    self.prompt = self.npz["gen_prompt_ids"].tolist()
+
+  def runs(self):
+    return self.json["generate"]
+
+
+_CACHE = {}
+
+
+def golden(name) -> Golden:
+  if name not in _CACHE:
+    _CACHE[name] = Golden(name)
+  return _CACHE[name]
+
+
+def run_kwargs(g: Golden, run: dict) -> dict:
+  """`generate` keyword arguments reproducing a fixture run."""
+  kw = dict(run["params"])
+  algorithm = "llada2.1" if run["name"].startswith("v21") else "llada2.0"
+  return dict(kw, algorithm=algorithm, mask_id=g.json["mask_id"])
+
+
+def expected_output(g: Golden, run: dict) -> list:
+  """The reference's generated tokens (the 2.0 early-stop path also returns the prompt)."""
+  out = run["output_ids"]
+  if run["name"].startswith("v20") and run["params"].get("eos_early_stop"):
+    assert out[: len(g.prompt)] == g.prompt
+    out = out[len(g.prompt):]
+  return out
+
+
+@pytest.fixture(scope="session", params=FIXTURE_NAMES)
+def gold(request) -> Golden:
+  return golden(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Golden:
+  return golden("llada2_tiny")
+
+
+def pytest_configure(config):
+  # Share compiled programs between test processes (pytest-xdist workers) and runs.
+  cache = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

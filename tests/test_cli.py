@@ -1,0 +1,94 @@
+"""`python -m llada_jax.decode` and `tools/logits.py`: fixture parity and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llada_jax.decode.__main__ import main
+from conftest import FIXTURE_NAMES, expected_output, golden, run_kwargs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_RUNS = [(name, i) for name in FIXTURE_NAMES for i in range(len(golden(name).runs()))]
+
+
+def _flags(g, run):
+  kw = run_kwargs(g, run)
+  argv = ["--checkpoint", g.dir, "--prompt-ids", ",".join(map(str, g.prompt)), "--format",
+          "json"]
+  for k, v in kw.items():
+    if isinstance(v, bool):
+      argv.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+    else:
+      argv += [f"--{k.replace('_', '-')}", str(v)]
+  return argv
+
+
+@pytest.mark.parametrize("name, i", ALL_RUNS,
+                         ids=[f"{n}-{golden(n).runs()[i]['name']}" for n, i in ALL_RUNS])
+def test_cli_reproduces_fixture_runs(name, i, capsys):
+  g = golden(name)
+  run = g.runs()[i]
+  assert main(_flags(g, run)) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["output_ids"] == expected_output(g, run)
+  assert out["nfe"] == run["nfe"]
+  assert out["settings"]["algorithm"] == run_kwargs(g, run)["algorithm"]
+  assert out["tpf"] == pytest.approx(len(out["output_ids"]) / run["nfe"])
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--mode", "turbo", "--prompt-ids", "1"], "unknown mode"),
+    (["--prompt-ids", "1", "--gen-length", "x"], "invalid int value"),
+    (["--prompt-ids", "1,a"], "comma-separated integers"),
+    (["--prompt", "hello"], "needs a tokenizer.json"),
+    (["--prompt-ids", "1", "--gen-length", "600"], "exceeds the model context"),
+    (["--prompt-ids", "1", "--bogus"], "unrecognized arguments"),
+    (["--prompt-ids", "1", "--algorithm", "x"], "invalid decode setting"),
+    (["--prompt-ids", "1", "--threshold"], "expected one argument"),
+    ([], "give --prompt"),
+    (["--prompt-ids", ""], "empty"),
+])
+def test_cli_errors_are_one_line(tiny, argv, msg, capsys):
+  assert main(["--checkpoint", tiny.dir] + argv) == 2
+  err = capsys.readouterr().err
+  assert msg in err and err.count("\n") == 1, err
+
+
+def test_cli_bad_checkpoint(tmp_path, capsys):
+  assert main(["--checkpoint", str(tmp_path), "--prompt-ids", "1"]) == 2
+  assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_entry_point_subprocess(tiny):
+  """The real module entry point: text output, and exit status 2 on a bad flag."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  ok = subprocess.run([sys.executable, "-m", "llada_jax.decode", "--checkpoint", tiny.dir,
+                       "--prompt-ids", "1,2,3", "--gen-length", "8", "--block-length", "8"],
+                      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert ok.returncode == 0, ok.stderr
+  assert "nfe" in ok.stdout and "tpf" in ok.stdout
+  bad = subprocess.run([sys.executable, "-m", "llada_jax.decode", "--checkpoint", tiny.dir,
+                        "--mode", "warp", "--prompt-ids", "1"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+  assert bad.returncode == 2 and bad.stderr.strip() == (
+      "error: unknown mode 'warp'; choose from quality, speedy")
+
+
+def test_logits_tool_reproduces_fixture(gold, tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  try:
+    import logits as logits_tool
+  finally:
+    sys.path.pop(0)
+  ids = ",".join(map(str, gold.npz["fwd_input_ids"]))
+  for bl, key in ((["--block-length", "4"], "block4"), ([], "full")):
+    out = tmp_path / f"{key}.npy"
+    assert logits_tool.main(["--checkpoint", gold.dir, "--input-ids", ids, "--out", str(out)]
+                            + bl) == 0
+    np.testing.assert_allclose(np.load(out), gold.npz[f"fwd_{key}_logits"], atol=1e-4, rtol=0)
+  assert logits_tool.main(["--checkpoint", gold.dir, "--input-ids", "1,x", "--out",
+                           str(tmp_path / "x.npy")]) == 2
