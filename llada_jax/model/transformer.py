@@ -99,12 +99,15 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
                  layout: masks.Layout, *, cache: dict | None = None,
                  cache_layout: masks.Layout | None = None, with_logits: bool = True,
                  collect: bool = False, attention_impl: str = "xla",
-                 moe_impl: str = "ragged") -> ForwardOutput:
+                 moe_impl: str = "ragged", logits_slice: tuple[int, int] | None = None,
+                 embed_delta: jax.Array | None = None) -> ForwardOutput:
   """Runs the model on `tokens` `[B, T]` at absolute `positions` `[B, T]`.
 
   Keys are the cache slots (described by `cache_layout`, `[B, S]`) followed by the tokens
   themselves (described by `layout`); `masks.visible` decides who sees whom.
   `collect=True` also returns per-layer hidden states and router outputs.
+  `logits_slice=(a, b)` computes logits for tokens a..b only (e.g. the noisy half in training).
+  `embed_delta` `[B, T, D]` is added to the embedding output (noise on masked embeddings).
   """
   dtype = jnp.dtype(c.dtype)
   p = _cast(params, dtype)
@@ -112,6 +115,8 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   k_layout = layout if cache is None else cache_layout.concat(layout)
   cos, sin = layers.rope_cos_sin(positions, c.rotary_dim, c.rope_theta, dtype)
   x = p["embed"][tokens].astype(dtype)
+  if embed_delta is not None:
+    x = x + embed_delta.astype(dtype)
   hidden = [x] if collect else None
   kv, router_logits, router_idx = {}, None, None
   for kind in ("dense", "moe"):
@@ -133,7 +138,10 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
     if kind == "moe":
       router_logits, router_idx = rl, ri
   x = layers.rms_norm(x, p["final_norm"], c.rms_norm_eps)
-  logits = jnp.dot(x, p["lm_head"]).astype(jnp.float32) if with_logits else None
+  logits = None
+  if with_logits:
+    xs = x if logits_slice is None else x[:, logits_slice[0]:logits_slice[1]]
+    logits = jnp.dot(xs, p["lm_head"]).astype(jnp.float32)
   hs = None
   if collect:
     hs = jnp.stack(hidden[:-1] + [x])  # HF: the last entry is the final-normed state

@@ -1,0 +1,181 @@
+"""Block-diffusion training objectives as pure functions of (params, batch, PRNG key).
+
+A batch is a dict of `[B, L]` arrays:
+  tokens       int32  clean tokens x_0
+  segment_ids  int32  document id per token, -1 on padding
+  positions    int32  position within the document
+  loss_mask    bool   tokens that may be masked and trained (SFT: the response only)
+
+Layouts (SPEC 3.2): `block_length < L` runs the 2L input `[x_t ; x_0]` with the block-diffusion
+mask (logits of the noisy half only, labels = x_0 at the same position); `block_length >= L` is
+MDLM (one block: x_t alone, bidirectional within each document); `block_length = 1` is the AR end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llada_jax import masks
+from llada_jax.config import ModelConfig
+from llada_jax.model.transformer import forward_core
+
+WEIGHTINGS = ("token_mean", "inv_t")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Knobs of the BDLM / editing objective (hashable: a static argument of the train step)."""
+
+  block_length: int = 32
+  t_min: float = 0.3  # mask ratio t ~ U[t_min, t_max] per sequence
+  t_max: float = 0.8
+  weighting: str = "token_mean"  # "token_mean" (dFactory) or "inv_t" (paper ELBO, 1/t)
+  complementary: bool = False  # add each sample again with the inverted mask
+  edit_rate: float = 0.0  # T2T stream: fraction of unmasked trainable tokens set to random ids
+  mtf_rate: float = 0.0  # T2T stream: fraction of masked tokens replaced by the model's draft
+  edit_weight: float = 1.0  # weight of the T2T loss
+  cap_weight: float = 0.0  # CAP: entropy on masked positions already predicted right
+  mask_embed_noise: float = 0.0  # std of Gaussian noise added to masked-token embeddings
+  attention_impl: str = "xla"
+
+  def validate(self, seq_len: int | None = None) -> None:
+    def bad(msg):
+      raise ValueError(f"invalid objective config: {msg}")
+    if self.block_length < 1:
+      bad(f"block_length must be >= 1, got {self.block_length}")
+    if seq_len is not None and self.block_length < seq_len and seq_len % self.block_length:
+      bad(f"block_length {self.block_length} does not divide the sequence length {seq_len}")
+    if not 0.0 < self.t_min <= self.t_max <= 1.0:
+      bad(f"need 0 < t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]")
+    if self.weighting not in WEIGHTINGS:
+      bad(f"weighting {self.weighting!r} (choose from {', '.join(WEIGHTINGS)})")
+    for name in ("edit_rate", "mtf_rate"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        bad(f"{name} must be in [0, 1]")
+    for name in ("edit_weight", "cap_weight", "mask_embed_noise"):
+      if getattr(self, name) < 0:
+        bad(f"{name} must be >= 0")
+
+
+def noisy_logits(params, c: ModelConfig, xt, x0, segment_ids, positions, block_length: int,
+                 *, embed_delta=None, attention_impl: str = "xla") -> jax.Array:
+  """Logits `[B, L, V]` float32 of the noisy tokens `xt` given the clean context `x0`."""
+  b, length = xt.shape
+  if block_length >= length:  # MDLM: one block, no clean copy needed
+    layout = masks.Layout(jnp.zeros((b, length), jnp.int32), jnp.zeros((b, length), bool),
+                          segment_ids.astype(jnp.int32))
+    return forward_core(params, c, xt, positions, layout, embed_delta=embed_delta,
+                        attention_impl=attention_impl).logits
+  tokens = jnp.concatenate([xt, x0], axis=1)
+  pos = jnp.concatenate([positions, positions], axis=1)
+  layout = masks.training(length, block_length, segment_ids)
+  if embed_delta is not None:
+    embed_delta = jnp.concatenate([embed_delta, jnp.zeros_like(embed_delta)], axis=1)
+  return forward_core(params, c, tokens, pos, layout, logits_slice=(0, length),
+                      embed_delta=embed_delta, attention_impl=attention_impl).logits
+
+
+def sample_mask(key, loss_mask, t_min, t_max):
+  """Per-sequence ratio t `[B]` and the masked positions `[B, L]` (each w.p. t)."""
+  kt, ku = jax.random.split(key)
+  b = loss_mask.shape[0]
+  t = jax.random.uniform(kt, (b,), minval=t_min, maxval=t_max)
+  masked = loss_mask & (jax.random.uniform(ku, loss_mask.shape) < t[:, None])
+  return t, masked
+
+
+def token_nll(logits, labels):
+  """-log p(label) `[B, L]` and the log-probs `[B, L, V]`."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], logp
+
+
+def _random_tokens(key, shape, vocab, mask_id):
+  r = jax.random.randint(key, shape, 0, vocab - 1)
+  return jnp.where(r >= mask_id, r + 1, r).astype(jnp.int32)  # never the mask id
+
+
+def bdlm_loss(params, c: ModelConfig, batch: dict, key: jax.Array, oc: ObjectiveConfig):
+  """The LLaDA2.1 mixed objective: M2T (masked) + T2T (corrupted) + optional CAP.
+
+  Returns (loss, metrics) with metrics: loss, m2t_loss, t2t_loss, cap_loss, accuracy (argmax on
+  masked positions), mask_ratio (mean t), masked_tokens, corrupted_tokens.
+  """
+  x0 = batch["tokens"].astype(jnp.int32)
+  seg = batch["segment_ids"].astype(jnp.int32)
+  pos = batch["positions"].astype(jnp.int32)
+  trainable = batch["loss_mask"].astype(bool) & (seg >= 0)
+  k_mask, k_edit, k_tok, k_mtf, k_noise = jax.random.split(key, 5)
+  t, masked = sample_mask(k_mask, trainable, oc.t_min, oc.t_max)
+  if oc.complementary:
+    x0, seg, pos, trainable = (jnp.concatenate([a, a]) for a in (x0, seg, pos, trainable))
+    masked = jnp.concatenate([masked, trainable[: t.shape[0]] & ~masked])
+    t = jnp.concatenate([t, 1.0 - t])
+  xt = jnp.where(masked, c.mask_token_id, x0)
+  corrupted = jnp.zeros_like(masked)
+  if oc.edit_rate > 0:
+    corrupted = trainable & ~masked & (jax.random.uniform(k_edit, x0.shape) < oc.edit_rate)
+    xt = jnp.where(corrupted, _random_tokens(k_tok, x0.shape, c.vocab_size, c.mask_token_id), xt)
+  if oc.mtf_rate > 0:
+    draft_logits = jax.lax.stop_gradient(noisy_logits(
+        params, c, xt, x0, seg, pos, oc.block_length, attention_impl=oc.attention_impl))
+    draft = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
+    k1, _ = jax.random.split(k_mtf)
+    pick = masked & (jax.random.uniform(k1, x0.shape) < oc.mtf_rate)
+    xt = jnp.where(pick, draft, xt)
+    masked, corrupted = masked & ~pick, corrupted | pick
+  delta = None
+  if oc.mask_embed_noise > 0:
+    noise = jax.random.normal(k_noise, x0.shape + (c.hidden_size,)) * oc.mask_embed_noise
+    delta = jnp.where((xt == c.mask_token_id)[..., None], noise, 0.0)
+  logits = noisy_logits(params, c, xt, x0, seg, pos, oc.block_length, embed_delta=delta,
+                        attention_impl=oc.attention_impl)
+  nll, logp = token_nll(logits, x0)
+  mf, cf = masked.astype(jnp.float32), corrupted.astype(jnp.float32)
+  n_masked = jnp.maximum(mf.sum(), 1.0)
+  if oc.weighting == "token_mean":
+    m2t = (nll * mf).sum() / n_masked
+  else:  # paper ELBO: sum over masked tokens of 1/t * nll, per trainable token
+    m2t = ((nll * mf).sum(-1) / t).sum() / jnp.maximum(trainable.sum(), 1)
+  t2t = (nll * cf).sum() / jnp.maximum(cf.sum(), 1.0)
+  correct = (jnp.argmax(logits, -1) == x0) & masked
+  cap = jnp.zeros(())
+  if oc.cap_weight > 0:
+    entropy = -(jnp.exp(logp) * logp).sum(-1)
+    cf_ok = correct.astype(jnp.float32)
+    cap = (entropy * cf_ok).sum() / jnp.maximum(cf_ok.sum(), 1.0)
+  loss = m2t + oc.edit_weight * t2t + oc.cap_weight * cap
+  metrics = dict(loss=loss, m2t_loss=m2t, t2t_loss=t2t, cap_loss=cap,
+                 accuracy=correct.sum() / n_masked, mask_ratio=t.mean(),
+                 masked_tokens=mf.sum(), corrupted_tokens=cf.sum())
+  return loss, metrics
+
+
+def sequence_elbo(params, c: ModelConfig, batch: dict, t: jax.Array, masked: jax.Array,
+                  block_length: int, *, attention_impl: str = "xla") -> jax.Array:
+  """Single-sample block-diffusion ELBO per sequence `[B]` (SPEC 5.1 eq. 7):
+  sum over masked positions of (1/t) log p(x_0 | x_t, clean earlier blocks)."""
+  x0 = batch["tokens"].astype(jnp.int32)
+  xt = jnp.where(masked, c.mask_token_id, x0)
+  logits = noisy_logits(params, c, xt, x0, batch["segment_ids"], batch["positions"],
+                        block_length, attention_impl=attention_impl)
+  nll, _ = token_nll(logits, x0)
+  return -(nll * masked).sum(-1) / t
+
+
+def block_logprobs(params, c: ModelConfig, batch: dict, masked: jax.Array, block_length: int,
+                   *, attention_impl: str = "xla") -> jax.Array:
+  """Per-block sums of log p(x_0) over masked positions `[B, L // block_length]` (EBPO)."""
+  x0 = batch["tokens"].astype(jnp.int32)
+  xt = jnp.where(masked, c.mask_token_id, x0)
+  logits = noisy_logits(params, c, xt, x0, batch["segment_ids"], batch["positions"],
+                        block_length, attention_impl=attention_impl)
+  nll, _ = token_nll(logits, x0)
+  b, length = x0.shape
+  per_tok = -(nll * masked)
+  if block_length >= length:
+    return per_tok.sum(-1, keepdims=True)
+  return per_tok.reshape(b, length // block_length, block_length).sum(-1)
