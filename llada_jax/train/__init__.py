@@ -1,0 +1,1 @@
+"""Training: objectives, schedules, DPO, EBPO, data, trainer."""
