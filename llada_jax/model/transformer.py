@@ -100,7 +100,7 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
                  cache_layout: masks.Layout | None = None, with_logits: bool = True,
                  collect: bool = False, attention_impl: str = "xla",
                  moe_impl: str = "ragged", logits_slice: tuple[int, int] | None = None,
-                 embed_delta: jax.Array | None = None) -> ForwardOutput:
+                 embed_delta: jax.Array | None = None, remat: bool = False) -> ForwardOutput:
   """Runs the model on `tokens` `[B, T]` at absolute `positions` `[B, T]`.
 
   Keys are the cache slots (described by `cache_layout`, `[B, S]`) followed by the tokens
@@ -108,6 +108,7 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   `collect=True` also returns per-layer hidden states and router outputs.
   `logits_slice=(a, b)` computes logits for tokens a..b only (e.g. the noisy half in training).
   `embed_delta` `[B, T, D]` is added to the embedding output (noise on masked embeddings).
+  `remat=True` rematerialises each layer in the backward pass (activation memory ~ one layer).
   """
   dtype = jnp.dtype(c.dtype)
   p = _cast(params, dtype)
@@ -129,6 +130,8 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
       x, (k, v, rl, ri) = body(x, lp, cos, sin, layout, k_layout, ckv)
       return x, (k, v, rl, ri, x if collect else None)
 
+    if remat:
+      step = jax.checkpoint(step)
     stack_cache = None if cache is None else (cache[kind]["k"], cache[kind]["v"])
     layer_params = {n: v for n, v in p[kind].items()}
     x, (k, v, rl, ri, hs) = jax.lax.scan(step, x, (layer_params, stack_cache))

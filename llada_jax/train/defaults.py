@@ -1,0 +1,46 @@
+"""The default training config; the files under `configs/` start from it and change a few keys."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "bdlm"  # bdlm (AR / WSD / MDLM / SFT with editing) | dpo | ebpo
+  c.seed = 0
+  c.steps = 100
+  c.workdir = ""
+  c.init_from = ""  # HF checkpoint directory to start from ("" = random init)
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=ml_collections.ConfigDict()))
+  c.param_dtype = "float32"
+  c.dtype = "float32"  # compute dtype ("bfloat16" on TPU)
+  c.tokenizer = "bytes"  # "bytes" or a directory holding tokenizer.json
+  c.data = ml_collections.ConfigDict(dict(
+      source="",  # text file, directory of text files, or JSONL
+      dataset_dir="",  # where the tfds array_record dataset is written ("" = workdir/dataset)
+      name="corpus",
+      kind="pretrain",  # pretrain (packed documents) | sft (prompt never masked)
+      task="",  # a toy task (llada_jax.train.toy_tasks) instead of a corpus
+      seq_len=64,
+      batch_size=8))
+  c.objective = ml_collections.ConfigDict(dict(
+      block_length=32, t_min=0.3, t_max=0.8, weighting="token_mean", complementary=False,
+      edit_rate=0.0, mtf_rate=0.0, edit_weight=1.0, cap_weight=0.0, mask_embed_noise=0.0,
+      attention_impl="xla", remat=False))
+  c.noise_steps = 0  # mask_embed_noise applies to the first noise_steps steps only
+  c.wsd = ml_collections.ConfigDict(dict(enabled=False, stages=((0, 1),)))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, schedule="cosine", warmup_steps=10, decay_fraction=0.2, final_lr_fraction=0.1,
+      weight_decay=0.01, clip=1.0, b1=0.9, b2=0.95))
+  c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
+  c.ebpo = ml_collections.ConfigDict(dict(
+      group_size=8, num_timesteps=2, eps_low=0.2, eps_high=0.28, updates_per_rollout=2,
+      gen_length=16, mode="speedy", temperature=1.0, threshold=0.5, editing_threshold=0.5,
+      max_post_steps=2, reward="char_overlap"))
+  c.log_every = 10
+  c.ckpt_every = 50
+  c.keep = 3
+  c.export_hf = ""
+  c.debug_kill_at_step = -1  # testing: SIGKILL the process at this step
+  return c
