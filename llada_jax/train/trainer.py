@@ -201,11 +201,15 @@ class TaskSource:
     self.index = int(state["index"])
 
 
-def make_tokenizer(cfg):
+def make_tokenizer(cfg, c: ModelConfig):
+  """Byte-level ids (with the model's special ids) or a `tokenizer.json` directory."""
   from llada_jax.train import data as data_lib
   if cfg.tokenizer == "bytes":
-    return data_lib.ByteTokenizer()
-  return data_lib.load_tokenizer(cfg.tokenizer)
+    return data_lib.ByteTokenizer(eos_id=c.eos_token_id, pad_id=c.pad_token_id,
+                                  mask_id=c.mask_token_id, vocab_size=c.vocab_size)
+  from llada_jax.tokenizer import Tokenizer
+  return data_lib.TokenizerAdapter(Tokenizer.from_dir(cfg.tokenizer), eos_id=c.eos_token_id,
+                                   pad_id=c.pad_token_id)
 
 
 def make_source(cfg, tokenizer, block_length: int):
@@ -256,7 +260,7 @@ class Trainer:
     self.c = model_config(cfg)
     self.stages = block_stages(cfg)
     self.optimizer = make_optimizer(cfg)
-    self.tokenizer = make_tokenizer(cfg)
+    self.tokenizer = make_tokenizer(cfg, self.c)
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     import orbax.checkpoint as ocp
     self.ocp = ocp
