@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mask-id", type=int, default=None, help="default: from the config")
   _bool_flag(p, "eos-early-stop", "stop a row at its first EOS (default: on)")
   p.add_argument("--mbe-window", type=int, default=None, help="multi-block editing window")
-  p.add_argument("--attention-impl", default="xla", help="xla | pallas | splash")
-  p.add_argument("--update-impl", default="jnp", help="jnp | pallas")
+  p.add_argument("--attention-impl", default="xla", help="xla | pallas | pallas_tpu")
+  p.add_argument("--update-impl", default="jnp", help="jnp | pallas | pallas_tpu")
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
   p.add_argument("--batch-invariant", action="store_true",
                  help="run rows one at a time (bitwise independent of the batch)")

@@ -81,7 +81,7 @@ def update_block(old: jax.Array, tok: jax.Array, conf: jax.Array, masked: jax.Ar
 # impl(old, tok, conf, masked, editable, threshold, editing_threshold, min_fill) -> same as
 # `update_block`. Other implementations (the fused Pallas kernel) register themselves.
 UPDATE_IMPLS = {"jnp": update_block}
-_LAZY_UPDATE = {"pallas": "llada_jax.kernels"}
+_LAZY_UPDATE = {"pallas": "llada_jax.kernels", "pallas_tpu": "llada_jax.kernels"}
 
 
 def register_update(name: str, fn) -> None:

@@ -26,7 +26,7 @@ def xla_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> ja
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
 # Implementations living in other packages, imported (and registered) on first use.
-_LAZY_ATTENTION = {"pallas": "llada_jax.kernels", "splash": "llada_jax.kernels"}
+_LAZY_ATTENTION = {"pallas": "llada_jax.kernels", "pallas_tpu": "llada_jax.kernels"}
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
