@@ -1,0 +1,110 @@
+"""Training-step benchmark: the block-diffusion (BDLM, 2L layout) step vs an AR step.
+
+Both steps see the same batch of B x L tokens on the same model: the AR step is a causal forward
+of L tokens with a next-token loss; the BDLM step runs the 2L `[x_t ; x_0]` layout with the
+block-diffusion mask (logits on the noisy half only). Prints tokens/s and the ratio.
+
+  python tools/bench_train.py [--seq-len 512] [--batch 4] [--block-length 32]
+      [--attention-impl xla]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import llada_jax
+from llada_jax import masks
+from llada_jax.model.transformer import forward_core
+from llada_jax.train.objectives import ObjectiveConfig, bdlm_loss
+
+
+def ar_loss(params, c, batch, key, attention_impl="xla"):
+  """Next-token cross-entropy with a causal mask (block length 1 on the plain sequence)."""
+  del key
+  x = batch["tokens"]
+  layout = masks.block_causal(batch["positions"], 1, batch["segment_ids"])
+  logits = forward_core(params, c, x, batch["positions"], layout,
+                        attention_impl=attention_impl).logits[:, :-1]
+  logp = jax.nn.log_softmax(logits, -1)
+  nll = -jnp.take_along_axis(logp, x[:, 1:, None], -1)[..., 0]
+  return nll.mean(), {}
+
+
+def make_step(loss_fn, opt):
+  @jax.jit
+  def step(params, opt_state, batch, key):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def bench(step, params, opt_state, batch, repeats):
+  key = jax.random.PRNGKey(0)
+  t0 = time.perf_counter()
+  out = step(params, opt_state, batch, key)
+  jax.block_until_ready(out)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(params, opt_state, batch, jax.random.PRNGKey(i)))
+    times.append(time.perf_counter() - t0)
+  return compile_s, float(np.median(times))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+  p.add_argument("--seq-len", type=int, default=512)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--block-length", type=int, default=32)
+  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--vocab", type=int, default=4096)
+  p.add_argument("--attention-impl", default="xla")
+  p.add_argument("--repeats", type=int, default=3)
+  args = p.parse_args(argv)
+  c = llada_jax.tiny_config(
+      vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
+      intermediate_size=3 * args.hidden, num_experts=args.experts, num_experts_per_tok=2,
+      moe_intermediate_size=args.hidden, max_position_embeddings=max(1024, args.seq_len),
+      pad_token_id=args.vocab - 2, eos_token_id=args.vocab - 2, mask_token_id=args.vocab - 1)
+  params = llada_jax.init_params(c, jax.random.PRNGKey(0))
+  opt = optax.adamw(1e-4)
+  opt_state = opt.init(params)
+  b, length = args.batch, args.seq_len
+  rng = np.random.default_rng(0)
+  batch = dict(tokens=jnp.asarray(rng.integers(0, args.vocab - 2, (b, length)), jnp.int32),
+               segment_ids=jnp.zeros((b, length), jnp.int32),
+               positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)),
+               loss_mask=jnp.ones((b, length), bool))
+  oc = ObjectiveConfig(block_length=args.block_length, attention_impl=args.attention_impl)
+  steps = {
+      "AR (causal, L tokens)": make_step(
+          lambda prm, bt, k: ar_loss(prm, c, bt, k, args.attention_impl), opt),
+      f"BDLM (2L layout, block {args.block_length})": make_step(
+          lambda prm, bt, k: bdlm_loss(prm, c, bt, k, oc), opt),
+  }
+  print(f"model: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, vocab "
+        f"{args.vocab}; batch {b} x {length} tokens; attention {args.attention_impl}; "
+        f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}")
+  rows = []
+  for name, step in steps.items():
+    compile_s, run_s = bench(step, params, opt_state, batch, args.repeats)
+    rows.append((name, compile_s, run_s, b * length / run_s))
+  base = rows[0][2]
+  print(f"\n{'step':<34} {'compile s':>10} {'step s':>9} {'tokens/s':>10} {'vs AR':>7}")
+  for name, comp, run, tps in rows:
+    print(f"{name:<34} {comp:>10.1f} {run:>9.3f} {tps:>10.0f} {run / base:>6.2f}x")
+
+
+if __name__ == "__main__":
+  main()
