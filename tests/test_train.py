@@ -162,3 +162,27 @@ def test_cli_rejects_unknown_key_in_one_line(tmp_path):
   out = _train_cli(tmp_path / "x", {"no_such_key": 1}, check=False)
   assert out.returncode == 2
   assert out.stderr.count("\n") == 1 and "no_such_key" in out.stderr, out.stderr
+
+
+def _load_config_file(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+STAGE_CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                       if f.startswith(("tiny_", "mini_", "flash_", "code_")))
+
+
+@pytest.mark.parametrize("name", STAGE_CONFIGS)
+def test_stage_configs_load_and_validate(name, tmp_path):
+  cfg = _load_config_file(os.path.join(ROOT, "configs", name))
+  if not cfg.data.task:  # corpus configs: point them at a tiny corpus to validate
+    cfg.data.source = str(_corpus(tmp_path))
+  if cfg.stage in ("dpo", "ebpo") and not cfg.data.task:
+    cfg.data.task = "addition"
+  cfg.workdir = str(tmp_path)
+  trainer_lib.validate(cfg)
+  assert trainer_lib.block_stages(cfg)[0][1] >= 1

@@ -43,4 +43,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep = 3
   c.export_hf = ""
   c.debug_kill_at_step = -1  # testing: SIGKILL the process at this step
+  c.mesh = ""  # e.g. "fsdp=-1,expert=8": shard params/batch over a device mesh ("" = one device)
+  return c
+
+
+def tiny_byte_config(stage: str = "bdlm") -> ml_collections.ConfigDict:
+  """A CPU-sized config on byte-level ids (vocab 264: bytes, eos 256, pad 257, mask 258)."""
+  c = base_config()
+  c.stage = stage
+  c.model.overrides.update(dict(vocab_size=264, pad_token_id=257, eos_token_id=256,
+                                mask_token_id=258))
+  c.data.task = "addition"
+  c.data.seq_len = 32
+  c.data.batch_size = 16
+  c.objective.block_length = 8
+  c.optim.lr = 3e-3
+  c.steps = 60
+  c.log_every = 10
+  c.ckpt_every = 20
+  return c
+
+
+def pod_config(size: str, stage: str) -> ml_collections.ConfigDict:
+  """A TPU-pod config for the full-size models (`size` mini or flash), bf16, remat, from an HF
+  checkpoint given with --config.init_from and a corpus with --config.data.source."""
+  c = base_config()
+  c.stage = stage
+  c.model.preset = {"mini": "llada2_1_mini", "flash": "llada2_1_flash"}[size]
+  c.param_dtype = "bfloat16"
+  c.dtype = "bfloat16"
+  c.objective.remat = True
+  c.objective.attention_impl = "pallas"
+  c.data.seq_len = 4096
+  c.data.batch_size = 256 if size == "mini" else 512
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 100
+  c.log_every = 10
+  c.ckpt_every = 500
+  c.keep = 5
+  c.mesh = "fsdp=-1,expert=8" if size == "mini" else "fsdp=-1,expert=16,tensor=4"
   return c

@@ -1,0 +1,15 @@
+"""LLaDA2.1-mini SFT with the M2T + T2T editing objective (TPU pod)."""
+
+from llada_jax.train.defaults import pod_config
+
+
+def get_config():
+  c = pod_config("mini", "bdlm")
+  c.data.kind = "sft"
+  c.data.seq_len = 2048
+  c.objective.block_length = 32
+  c.objective.complementary = True
+  c.objective.edit_rate = 0.1
+  c.objective.mtf_rate = 0.1
+  c.steps = 10000
+  return c
