@@ -159,17 +159,27 @@ def _row_mapped_sampler(enabled: bool):
   return run
 
 
+# The row helpers clamp `start` into range themselves (what dynamic_slice does anyway): XLA's
+# SPMD partitioner returns wrong rows for an out-of-range batched dynamic slice when the array is
+# split along both axes (done rows read past the canvas end; seen under a mesh with jax 0.10.2).
+def _clamp(start: jax.Array, length: int, size: int) -> jax.Array:
+  return jnp.clip(start, 0, length - size)
+
+
 def _slice_rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
   """x `[B, N]` -> `[B, size]` taking x[b, start[b]:start[b]+size]."""
+  start = _clamp(start, x.shape[1], size)
   return jax.vmap(lambda r, s: jax.lax.dynamic_slice(r, (s,), (size,)))(x, start)
 
 
 def _slice_rows_3d(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
   """x `[B, N, V]` -> `[B, size, V]` taking x[b, start[b]:start[b]+size]."""
+  start = _clamp(start, x.shape[1], size)
   return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, axis=0))(x, start)
 
 
 def _write_rows(x: jax.Array, start: jax.Array, upd: jax.Array) -> jax.Array:
+  start = _clamp(start, x.shape[1], upd.shape[1])
   return jax.vmap(lambda r, s, u: jax.lax.dynamic_update_slice(r, u, (s,)))(x, start, upd)
 
 

@@ -3,6 +3,8 @@ experts (grouped matmul with `lax.ragged_dot`, or a dense reference), and shared
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
@@ -61,23 +63,60 @@ def experts_dense(x: jax.Array, idx: jax.Array, gate, up, down) -> jax.Array:
 # impl(x [N, D], idx [N, K], gate [E, D, F], up [E, D, F], down [E, F, D]) -> [N, K, D]
 EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
 
+# Implementations that also weight and sum the K expert outputs of each token (expert
+# parallelism: the tokens travel to their experts and come back combined):
+# impl(x [N, D], idx [N, K], w [N, K] float32, gate, up, down) -> (y [N, D] float32, stats)
+# where stats is a dict of arrays (at least "tokens_per_expert" [E] and "dropped" []).
+COMBINED_EXPERT_IMPLS = {}
+# Implementations living in other packages, imported (and registered) on first use.
+_LAZY_EXPERTS = {"ep": "llada_jax.parallel.expert_parallel",
+                 "ep_ragged": "llada_jax.parallel.expert_parallel"}
+
 
 def register_experts(name: str, fn) -> None:
   """Makes `moe_impl=name` available (e.g. expert parallelism from `llada_jax.parallel`)."""
   EXPERT_IMPLS[name] = fn
 
 
-def moe_block(p: dict, x: jax.Array, c: ModelConfig, *, impl: str = "ragged"):
-  """MoE FFN on `[B, T, D]` activations; returns (output `[B, T, D]`, router logits, idx)."""
+def register_combined_experts(name: str, fn) -> None:
+  """Makes `moe_impl=name` available for an implementation that also combines (see above)."""
+  COMBINED_EXPERT_IMPLS[name] = fn
+
+
+def expert_impl_names() -> list[str]:
+  return sorted(set(EXPERT_IMPLS) | set(COMBINED_EXPERT_IMPLS) | set(_LAZY_EXPERTS))
+
+
+def _load_experts(impl: str) -> None:
+  if impl not in EXPERT_IMPLS and impl not in COMBINED_EXPERT_IMPLS and impl in _LAZY_EXPERTS:
+    importlib.import_module(_LAZY_EXPERTS[impl])
+  if impl not in EXPERT_IMPLS and impl not in COMBINED_EXPERT_IMPLS:
+    raise ValueError(f"unknown moe_impl {impl!r}; choose from {expert_impl_names()}")
+
+
+def moe_block(p: dict, x: jax.Array, c: ModelConfig, *, impl: str = "ragged",
+              return_stats: bool = False):
+  """MoE FFN on `[B, T, D]` activations; returns (output `[B, T, D]`, router logits, idx), plus
+  load-balance stats (`tokens_per_expert` [E], `dropped` []) when `return_stats`."""
   b, t, d = x.shape
   flat = x.reshape(b * t, d)
   logits, idx, w = route(flat, p["router"]["weight"], p["router"]["expert_bias"], c)
   ex = p["experts"]
-  if impl not in EXPERT_IMPLS:
-    raise ValueError(f"unknown moe_impl {impl!r}; choose from {sorted(EXPERT_IMPLS)}")
-  outs = EXPERT_IMPLS[impl](flat, idx, ex["gate"], ex["up"], ex["down"])
-  y = jnp.einsum("nkd,nk->nd", outs.astype(jnp.float32), w).astype(x.dtype)
+  _load_experts(impl)
+  stats = None
+  if impl in COMBINED_EXPERT_IMPLS:
+    y, stats = COMBINED_EXPERT_IMPLS[impl](flat, idx, w, ex["gate"], ex["up"], ex["down"])
+    y = y.astype(x.dtype)
+  else:
+    outs = EXPERT_IMPLS[impl](flat, idx, ex["gate"], ex["up"], ex["down"])
+    y = jnp.einsum("nkd,nk->nd", outs.astype(jnp.float32), w).astype(x.dtype)
   if "shared" in p:
     s = p["shared"]
     y = y + swiglu(flat, s["gate"], s["up"], s["down"])
-  return y.reshape(b, t, d), logits.reshape(b, t, -1), idx.reshape(b, t, -1)
+  out = (y.reshape(b, t, d), logits.reshape(b, t, -1), idx.reshape(b, t, -1))
+  if not return_stats:
+    return out
+  if stats is None:  # a local implementation: every copy is computed
+    stats = {"tokens_per_expert": jnp.bincount(idx.reshape(-1), length=c.num_experts),
+             "dropped": jnp.zeros((), jnp.int32)}
+  return out + (stats,)
