@@ -41,6 +41,7 @@ class ObjectiveConfig:
   mask_embed_noise: float = 0.0  # std of Gaussian noise added to masked-token embeddings
   attention_impl: str = "xla"
   remat: bool = False  # rematerialise each layer in the backward pass
+  moe_impl: str = "ragged"  # "ep" / "ep_ragged": expert parallelism under a mesh
 
   def validate(self, seq_len: int | None = None) -> None:
     def bad(msg):
@@ -63,14 +64,14 @@ class ObjectiveConfig:
 
 def noisy_logits(params, c: ModelConfig, xt, x0, segment_ids, positions, block_length: int,
                  *, embed_delta=None, attention_impl: str = "xla",
-                 remat: bool = False) -> jax.Array:
+                 remat: bool = False, moe_impl: str = "ragged") -> jax.Array:
   """Logits `[B, L, V]` float32 of the noisy tokens `xt` given the clean context `x0`."""
   b, length = xt.shape
   if block_length >= length:  # MDLM: one block, no clean copy needed
     layout = masks.Layout(jnp.zeros((b, length), jnp.int32), jnp.zeros((b, length), bool),
                           segment_ids.astype(jnp.int32))
     return forward_core(params, c, xt, positions, layout, embed_delta=embed_delta,
-                        attention_impl=attention_impl, remat=remat).logits
+                        attention_impl=attention_impl, remat=remat, moe_impl=moe_impl).logits
   tokens = jnp.concatenate([xt, x0], axis=1)
   pos = jnp.concatenate([positions, positions], axis=1)
   layout = masks.training(length, block_length, segment_ids)
@@ -78,7 +79,7 @@ def noisy_logits(params, c: ModelConfig, xt, x0, segment_ids, positions, block_l
     embed_delta = jnp.concatenate([embed_delta, jnp.zeros_like(embed_delta)], axis=1)
   return forward_core(params, c, tokens, pos, layout, logits_slice=(0, length),
                       embed_delta=embed_delta, attention_impl=attention_impl,
-                      remat=remat).logits
+                      remat=remat, moe_impl=moe_impl).logits
 
 
 def sample_mask(key, loss_mask, t_min, t_max):
@@ -135,7 +136,7 @@ def bdlm_loss(params, c: ModelConfig, batch: dict, key: jax.Array, oc: Objective
     noise = jax.random.normal(k_noise, x0.shape + (c.hidden_size,)) * oc.mask_embed_noise
     delta = jnp.where((xt == c.mask_token_id)[..., None], noise, 0.0)
   logits = noisy_logits(params, c, xt, x0, seg, pos, oc.block_length, embed_delta=delta,
-                        attention_impl=oc.attention_impl, remat=oc.remat)
+                        attention_impl=oc.attention_impl, remat=oc.remat, moe_impl=oc.moe_impl)
   nll, logp = token_nll(logits, x0)
   mf, cf = masked.astype(jnp.float32), corrupted.astype(jnp.float32)
   n_masked = jnp.maximum(mf.sum(), 1.0)
