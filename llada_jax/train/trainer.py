@@ -86,6 +86,8 @@ def validate(cfg) -> None:
       toy_tasks.get_task(cfg.data.task)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  if cfg.data.get("eos_padding", "none") not in ("none", "block"):
+    raise ConfigError(f"data.eos_padding {cfg.data.eos_padding!r} (none or block)")
 
 
 # ---- optimizer --------------------------------------------------------------------------------
@@ -161,16 +163,20 @@ class TaskSource:
   """Deterministic batches from a toy task: batch i depends only on (seed, i) (resumable)."""
 
   def __init__(self, task: str, tokenizer, seq_len: int, batch_size: int, seed: int,
-               block_length: int):
+               block_length: int, eos_padding: str = "none"):
     self.fn = toy_tasks.get_task(task)
     self.tok, self.seq_len, self.batch_size, self.seed = tokenizer, seq_len, batch_size, seed
     self.block_length = block_length
+    self.eos_padding = eos_padding  # "none" | "block": EOS up to the end of the answer's block
     self.index = 0
 
   def _rows(self, examples, answer_of=lambda e: e[1]):
     from llada_jax.train.ebpo import build_batch
     prompts = [self.tok.encode(p) for p, _ in examples]
     answers = [self.tok.encode(answer_of(e)) + [self.tok.eos_id] for e in examples]
+    if self.eos_padding == "block":  # the decoder fills a whole block: train what follows EOS
+      answers = [a + [self.tok.eos_id] * (-(len(p) + len(a)) % self.block_length)
+                 for p, a in zip(prompts, answers)]
     return build_batch(prompts, answers, self.seq_len, self.tok.pad_id)
 
   def _examples(self, i):
@@ -215,7 +221,8 @@ def make_tokenizer(cfg, c: ModelConfig):
 def make_source(cfg, tokenizer, block_length: int):
   d = cfg.data
   if d.task:
-    return TaskSource(d.task, tokenizer, d.seq_len, d.batch_size, cfg.seed, block_length)
+    return TaskSource(d.task, tokenizer, d.seq_len, d.batch_size, cfg.seed, block_length,
+                      eos_padding=d.get("eos_padding", "none"))
   from llada_jax.train import data as data_lib
   path = data_lib.build_dataset(d.source, d.dataset_dir or os.path.join(cfg.workdir, "dataset"),
                                 name=d.name)
