@@ -24,7 +24,7 @@ def get_config():
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   c.optim.schedule = "constant"
-  c.steps = 500
+  c.steps = 900
   c.log_every = 20
-  c.ckpt_every = 100
+  c.ckpt_every = 300
   return c

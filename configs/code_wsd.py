@@ -1,7 +1,7 @@
 """Default code model, stage 2: WSD conversion of the AR model to block diffusion (SPEC 5.1).
 
-Warmup 4 -> 32 -> whole sequence (MDLM), then decay back to the target block of 32; Gaussian noise
-on masked-token embeddings during the first steps.
+Warmup 4 -> 32 -> 64 -> whole sequence (MDLM, 128), then decay back to the target block of 32;
+Gaussian noise on masked-token embeddings during the first steps.
 """
 
 from llada_jax.train.defaults import base_config
@@ -20,11 +20,11 @@ def get_config():
   c.objective.mask_embed_noise = 0.1
   c.noise_steps = 50
   c.wsd.enabled = True
-  c.wsd.stages = ((100, 4), (100, 32), (100, 128), (100, 32))
+  c.wsd.stages = ((100, 4), (100, 32), (50, 64), (150, 128), (200, 32))
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 20
   c.optim.schedule = "wsd"
-  c.steps = 400
+  c.steps = 600
   c.log_every = 20
-  c.ckpt_every = 100
+  c.ckpt_every = 200
   return c

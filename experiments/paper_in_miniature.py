@@ -1,6 +1,6 @@
 """The LLaDA2.1 speed/quality trade-off in miniature, on CPU, with exactly checked answers.
 
-  python experiments/paper_in_miniature.py [--steps 300] [--finish-steps 150] [--per-task 128]
+  python experiments/paper_in_miniature.py [--steps 1500] [--finish-steps 400] [--per-task 128]
                                            [--train-only]
 
 1. Training mirrors LLaDA2.0 -> LLaDA2.1 at toy scale. A small byte-level LLaDA2 MoE model
@@ -9,7 +9,8 @@
    `llada_jax.train.toy_tasks`) with the plain M2T objective: `base`. Two models then continue
    from it on the same fresh data stream for the same number of steps: `m2t` with the M2T
    objective only (edit_rate = mtf_rate = 0) and `editing` with the LLaDA2.1 mixed objective
-   (random-token corruption edit_rate 0.1 + multi-turn-forward drafts mtf_rate 0.2). So the two
+   (random-token corruption edit_rate 0.1 + multi-turn-forward drafts mtf_rate 0.2 + the keep
+   loss on clean visible tokens, keep_weight 1). So the two
    compared models share init, data and step count and differ only in the finishing objective.
    Each model is cached in `out/miniature/<name>/hf` (an HF checkpoint): re-runs skip training.
 2. The test split (`bench_<task>@test`: prompts whose hash puts them in the held-out 10%; the
@@ -51,7 +52,7 @@ MODEL = dict(BYTE_IDS, hidden_size=128, num_hidden_layers=3, num_attention_heads
              num_experts_per_tok=2, moe_intermediate_size=64, n_group=4, topk_group=2,
              max_position_embeddings=64)
 M2T = dict(edit_rate=0.0, mtf_rate=0.0)
-EDITING = dict(edit_rate=0.1, mtf_rate=0.2)
+EDITING = dict(edit_rate=0.1, mtf_rate=0.2, keep_weight=1.0)
 OBJECTIVES = {"m2t": M2T, "editing": EDITING}  # the two compared models
 LABELS = {"base": "base (M2T)", "m2t": "M2T-only", "editing": "M2T+T2T (editing)"}
 
@@ -326,8 +327,8 @@ def plot(rows, out_dir: str) -> None:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--steps", type=int, default=300, help="base model training steps")
-  ap.add_argument("--finish-steps", type=int, default=150,
+  ap.add_argument("--steps", type=int, default=1500, help="base model training steps")
+  ap.add_argument("--finish-steps", type=int, default=400,
                   help="steps of the M2T-only / editing continuation")
   ap.add_argument("--per-task", type=int, default=128)
   ap.add_argument("--train-only", action="store_true")

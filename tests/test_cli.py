@@ -78,6 +78,25 @@ def test_cli_entry_point_subprocess(tiny):
       "error: unknown mode 'warp'; choose from quality, speedy")
 
 
+def test_embedded_model_completes_code_and_chat_is_opt_in(capsys):
+  """Without --checkpoint the embedded base model continues the prompt text as it is (and the
+  text output starts with the prompt); --chat applies its chat template instead."""
+  from llada_jax.decode.__main__ import DEFAULT_CHECKPOINT
+  from llada_jax.tokenizer import Tokenizer
+  tok = Tokenizer.from_dir(DEFAULT_CHECKPOINT)
+  assert tok.chat_template  # the template ships, it is just not the default for this model
+  base = ["--prompt", "def f(x):", "--gen-length", "32", "--format", "json"]
+  assert main(base) == 0
+  plain = json.loads(capsys.readouterr().out)
+  assert plain["prompt_ids"] == tok.encode("def f(x):")
+  assert main(base + ["--chat"]) == 0
+  chat = json.loads(capsys.readouterr().out)
+  assert chat["prompt_ids"] == tok.encode(tok.apply_chat_template("def f(x):"))
+  assert main(base[:-2]) == 0
+  text = capsys.readouterr().out
+  assert text.startswith("def f(x):") and "-- " in text and "nfe" in text
+
+
 def test_logits_tool_reproduces_fixture(gold, tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "tools"))
   try:

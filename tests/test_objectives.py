@@ -120,16 +120,46 @@ def test_editing_stream_counts_and_losses(tiny):
                            mask_embed_noise=0.1)
   loss, m = obj.bdlm_loss(tiny.params, c, batch, jax.random.PRNGKey(1), oc)
   assert float(m["corrupted_tokens"]) > 0 and float(m["t2t_loss"]) > 0
-  assert float(m["cap_loss"]) >= 0
-  np.testing.assert_allclose(float(loss), float(m["m2t_loss"] + m["t2t_loss"]
+  assert float(m["cap_loss"]) >= 0 and float(m["keep_loss"]) > 0
+  np.testing.assert_allclose(float(loss), float(m["m2t_loss"] + m["t2t_loss"] + m["keep_loss"]
                                                 + m["cap_loss"]), rtol=1e-6)
   grads = jax.grad(lambda p: obj.bdlm_loss(p, c, batch, jax.random.PRNGKey(1), oc)[0])(
       tiny.params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
 
+def test_keep_loss_is_the_nll_of_the_clean_visible_tokens(tiny):
+  """keep = mean -log p(x_0) over trainable tokens that are neither masked nor corrupted,
+  recomputed here from the logits of the same noisy input; off without the editing stream."""
+  c = tiny.config
+  batch = _batch(c, np.random.default_rng(6))
+  key = jax.random.PRNGKey(2)
+  oc = obj.ObjectiveConfig(block_length=BL, edit_rate=0.3, keep_weight=0.5)
+  loss, m = obj.bdlm_loss(tiny.params, c, batch, key, oc)
+  # Rebuild the noisy input exactly as bdlm_loss draws it.
+  k_mask, k_edit, k_tok, _, _ = jax.random.split(key, 5)
+  x0 = jnp.asarray(batch["tokens"], jnp.int32)
+  trainable = jnp.asarray(batch["loss_mask"], bool) & (jnp.asarray(batch["segment_ids"]) >= 0)
+  _, masked = obj.sample_mask(k_mask, trainable, oc.t_min, oc.t_max)
+  corrupted = trainable & ~masked & (jax.random.uniform(k_edit, x0.shape) < oc.edit_rate)
+  xt = jnp.where(masked, c.mask_token_id, x0)
+  xt = jnp.where(corrupted, obj._random_tokens(k_tok, x0.shape, c.vocab_size, c.mask_token_id),
+                 xt)
+  logits = obj.noisy_logits(tiny.params, c, xt, x0, batch["segment_ids"], batch["positions"], BL)
+  nll = np.asarray(obj.token_nll(logits, x0)[0])
+  clean = np.asarray(trainable & ~masked & ~corrupted)
+  assert clean.sum() > 0 and np.asarray(corrupted).sum() > 0
+  np.testing.assert_allclose(float(m["keep_loss"]), nll[clean].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m["t2t_loss"]), nll[np.asarray(corrupted)].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(m["m2t_loss"] + m["t2t_loss"]
+                                                + 0.5 * m["keep_loss"]), rtol=1e-6)
+  _, m0 = obj.bdlm_loss(tiny.params, c, batch, key, obj.ObjectiveConfig(block_length=BL))
+  assert float(m0["keep_loss"]) == 0.0 and float(m0["t2t_loss"]) == 0.0
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(block_length=5), "does not divide"),
+    (dict(keep_weight=-1.0), "keep_weight"),
     (dict(t_min=0.0), "t_min"),
     (dict(weighting="sqrt"), "weighting"),
     (dict(edit_rate=2.0), "edit_rate"),

@@ -1,5 +1,9 @@
 """Decode with a LLaDA2 checkpoint: `python -m llada_jax.decode --mode=quality --prompt "..."`.
 
+Prompts get the checkpoint's chat template when its tokenizer has one, except with the embedded
+default model, a base (completion) code model: there the text is continued as it is and printed
+after the prompt. `--chat` / `--no-chat` force either way.
+
 Errors (bad flags, unknown mode, bad checkpoint, prompt too long or empty, no tokenizer for
 --prompt) print one line to stderr and exit with status 2.
 """
@@ -39,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="HF checkpoint directory (default: the embedded model)")
   p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
   p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
-  p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+  _bool_flag(p, "chat", "apply the tokenizer's chat template to --prompt (default: when it has "
+             "one, except for the embedded base model, which completes text)")
   p.add_argument("--mode", default="quality", help=f"one of {', '.join(MODES)}")
   p.add_argument("--algorithm", default=None, help=f"one of {', '.join(ALGORITHMS)}")
   p.add_argument("--gen-length", type=int, default=128)
@@ -103,16 +108,23 @@ def run(argv=None) -> int:
   tokenizer = None
   if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
     tokenizer = Tokenizer.from_dir(ckpt)
-  prompts = []
+  chat = args.chat
+  if chat is None:
+    chat = args.checkpoint is not None and bool(tokenizer and tokenizer.chat_template)
+  if chat and tokenizer is not None and not tokenizer.chat_template:
+    raise UsageError(f"--chat: the tokenizer in {ckpt} has no chat template")
+  prompts, shown_prompts = [], []
   for text in args.prompt or []:
     if tokenizer is None:
       raise UsageError(f"--prompt needs a tokenizer.json in {ckpt}; use --prompt-ids instead")
     if not text.strip():
       raise UsageError("empty prompt")
-    if tokenizer.chat_template and not args.no_chat:
+    shown_prompts.append("" if chat else text)
+    if chat:
       text = tokenizer.apply_chat_template(text)
     prompts.append(tokenizer.encode(text))
   prompts += [_parse_ids(x) for x in args.prompt_ids or []]
+  shown_prompts += [""] * (len(prompts) - len(shown_prompts))
 
   config, params = llada_jax.load_hf_checkpoint(ckpt, dtype=args.dtype)
   on_block = None
@@ -131,8 +143,8 @@ def run(argv=None) -> int:
   seconds = time.perf_counter() - t0
   rows = []
   for i, ids in enumerate(result.output_ids):
-    row = dict(output_ids=ids, nfe=result.nfe[i], tpf=result.tpf[i], fills=result.fills[i],
-               edits=result.edits[i])
+    row = dict(prompt_ids=prompts[i], output_ids=ids, nfe=result.nfe[i], tpf=result.tpf[i],
+               fills=result.fills[i], edits=result.edits[i])
     if tokenizer is not None:
       row["text"] = tokenizer.decode(ids)
     rows.append(row)
@@ -144,6 +156,7 @@ def run(argv=None) -> int:
   else:
     for i, row in enumerate(rows):
       body = row.get("text", " ".join(map(str, row["output_ids"])))
+      body = shown_prompts[i] + body
       prefix = f"[{i}] " if len(rows) > 1 else ""
       print(f"{prefix}{body}")
       print(f"{prefix}-- {len(row['output_ids'])} tokens, nfe {row['nfe']}, "

@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=8))
   c.objective = ml_collections.ConfigDict(dict(
       block_length=32, t_min=0.3, t_max=0.8, weighting="token_mean", complementary=False,
-      edit_rate=0.0, mtf_rate=0.0, edit_weight=1.0, cap_weight=0.0, mask_embed_noise=0.0,
+      edit_rate=0.0, mtf_rate=0.0, edit_weight=1.0, keep_weight=1.0, cap_weight=0.0,
+      mask_embed_noise=0.0,
       attention_impl="xla", remat=False, moe_impl="ragged"))
   c.noise_steps = 0  # mask_embed_noise applies to the first noise_steps steps only
   c.wsd = ml_collections.ConfigDict(dict(enabled=False, stages=((0, 1),)))

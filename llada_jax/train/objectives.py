@@ -37,6 +37,11 @@ class ObjectiveConfig:
   edit_rate: float = 0.0  # T2T stream: fraction of unmasked trainable tokens set to random ids
   mtf_rate: float = 0.0  # T2T stream: fraction of masked tokens replaced by the model's draft
   edit_weight: float = 1.0  # weight of the T2T loss
+  # With the editing stream on: weight of the "keep" loss on the clean visible response tokens
+  # (predict the token that is already there). Without it the T2T stream only ever sees wrong
+  # visible tokens, so the model learns that a visible token is never right and editing
+  # decoders rewrite (and oscillate on) correct drafts.
+  keep_weight: float = 1.0
   cap_weight: float = 0.0  # CAP: entropy on masked positions already predicted right
   mask_embed_noise: float = 0.0  # std of Gaussian noise added to masked-token embeddings
   attention_impl: str = "xla"
@@ -57,7 +62,7 @@ class ObjectiveConfig:
     for name in ("edit_rate", "mtf_rate"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         bad(f"{name} must be in [0, 1]")
-    for name in ("edit_weight", "cap_weight", "mask_embed_noise"):
+    for name in ("edit_weight", "keep_weight", "cap_weight", "mask_embed_noise"):
       if getattr(self, name) < 0:
         bad(f"{name} must be >= 0")
 
@@ -105,8 +110,13 @@ def _random_tokens(key, shape, vocab, mask_id):
 def bdlm_loss(params, c: ModelConfig, batch: dict, key: jax.Array, oc: ObjectiveConfig):
   """The LLaDA2.1 mixed objective: M2T (masked) + T2T (corrupted) + optional CAP.
 
-  Returns (loss, metrics) with metrics: loss, m2t_loss, t2t_loss, cap_loss, accuracy (argmax on
-  masked positions), mask_ratio (mean t), masked_tokens, corrupted_tokens.
+  loss = m2t + edit_weight * (t2t + keep_weight * keep) + cap_weight * cap, where t2t is the mean
+  NLL of x_0 on corrupted positions and keep the mean NLL on the other (clean) visible trainable
+  positions; both are zero unless the editing stream (edit_rate or mtf_rate > 0) is on.
+
+  Returns (loss, metrics) with metrics: loss, m2t_loss, t2t_loss, keep_loss, cap_loss, accuracy
+  (argmax on masked positions), edit_accuracy (argmax on corrupted positions), mask_ratio
+  (mean t), masked_tokens, corrupted_tokens.
   """
   x0 = batch["tokens"].astype(jnp.int32)
   seg = batch["segment_ids"].astype(jnp.int32)
@@ -145,15 +155,22 @@ def bdlm_loss(params, c: ModelConfig, batch: dict, key: jax.Array, oc: Objective
   else:  # paper ELBO: sum over masked tokens of 1/t * nll, per trainable token
     m2t = ((nll * mf).sum(-1) / t).sum() / jnp.maximum(trainable.sum(), 1)
   t2t = (nll * cf).sum() / jnp.maximum(cf.sum(), 1.0)
-  correct = (jnp.argmax(logits, -1) == x0) & masked
+  keep = jnp.zeros(())
+  editing = oc.edit_rate > 0 or oc.mtf_rate > 0
+  if editing and oc.keep_weight > 0:
+    kf = (trainable & ~masked & ~corrupted).astype(jnp.float32)
+    keep = (nll * kf).sum() / jnp.maximum(kf.sum(), 1.0)
+  argmax = jnp.argmax(logits, -1)
+  correct = (argmax == x0) & masked
+  edit_ok = ((argmax == x0) & corrupted).sum() / jnp.maximum(cf.sum(), 1.0)
   cap = jnp.zeros(())
   if oc.cap_weight > 0:
     entropy = -(jnp.exp(logp) * logp).sum(-1)
     cf_ok = correct.astype(jnp.float32)
     cap = (entropy * cf_ok).sum() / jnp.maximum(cf_ok.sum(), 1.0)
-  loss = m2t + oc.edit_weight * t2t + oc.cap_weight * cap
-  metrics = dict(loss=loss, m2t_loss=m2t, t2t_loss=t2t, cap_loss=cap,
-                 accuracy=correct.sum() / n_masked, mask_ratio=t.mean(),
+  loss = m2t + oc.edit_weight * (t2t + oc.keep_weight * keep) + oc.cap_weight * cap
+  metrics = dict(loss=loss, m2t_loss=m2t, t2t_loss=t2t, keep_loss=keep, cap_loss=cap,
+                 accuracy=correct.sum() / n_masked, edit_accuracy=edit_ok, mask_ratio=t.mean(),
                  masked_tokens=mf.sum(), corrupted_tokens=cf.sum())
   return loss, metrics
 

@@ -1,0 +1,90 @@
+"""The benchmark tools behind the results files: `tools/bench_modes.py` and the held-out
+likelihoods of `experiments/code_model_eval.py`."""
+
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llada_jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "fixtures", "llada2_tiny")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import bench_modes  # noqa: E402
+from experiments import code_model_eval  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+  return llada_jax.load_hf_checkpoint(TINY)
+
+
+def test_bench_modes_prints_one_row_per_setting(tmp_path, capsys):
+  out = tmp_path / "rows.json"
+  assert bench_modes.main(["--checkpoint", TINY, "--per-task", "2", "--tasks", "add2,rev",
+                           "--settings", "quality,speedy", "--json", str(out)]) == 0
+  text = capsys.readouterr().out
+  assert "hardware:" in text and "compile s" in text and "tok/s" in text
+  rows = json.loads(out.read_text())
+  assert [r["name"] for r in rows] == ["quality", "speedy"]
+  for r in rows:
+    assert r["n"] == r["batch_size"] == 4 and 0.0 <= r["accuracy"] <= 1.0
+    assert set(r["accuracy_by_task"]) == {"add2", "rev"}
+    assert r["mean_tpf"] > 0 and r["jax_version"]
+    assert f"{r['accuracy']:.3f}" in text
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--settings", "warp"], "unknown setting 'warp'"),
+    (["--checkpoint", "/nonexistent"], "no checkpoint in /nonexistent"),
+])
+def test_bench_modes_bad_flags(argv, msg, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench_modes.main(["--checkpoint", TINY] + argv)
+  assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+class _Chars:
+  def encode(self, text):
+    return [ord(ch) % 256 for ch in text]
+
+
+def test_held_out_windows_take_files_in_turn(tmp_path):
+  files = []
+  for i, n in enumerate((3 * code_model_eval.WINDOW + 5, code_model_eval.WINDOW)):
+    p = tmp_path / f"m{i}.py"
+    p.write_text(chr(ord("a") + i) * n)
+    files.append(str(p))
+  w = code_model_eval.held_out_windows(files, _Chars(), 3)
+  assert w.shape == (3, code_model_eval.WINDOW)
+  assert [chr(r[0]) for r in w] == ["a", "b", "a"]  # file 0, file 1, then file 0 again
+  with pytest.raises(SystemExit, match="only 4 held-out windows"):
+    code_model_eval.held_out_windows(files, _Chars(), 5)
+
+
+def test_ar_nll_is_the_next_token_log_likelihood(model):
+  """The AR NLL of the 2L block-1 layout equals, position by position, -log p(x_i) from the
+  inference forward of `x_<i` followed by a mask (block length 1: causal)."""
+  config, params = model
+  rng = np.random.default_rng(0)
+  windows = rng.integers(0, 500, (2, 8)).astype(np.int32)
+  got = code_model_eval.likelihoods(params, config, windows, draws=2, seed=0)
+  ref = []
+  for row in windows:
+    for i in range(len(row)):
+      ids = np.full(len(row), config.pad_token_id, np.int32)
+      ids[:i] = row[:i]
+      ids[i] = config.mask_token_id
+      logits = llada_jax.forward(params, config, jnp.asarray(ids)[None], block_length=1)
+      logp = np.asarray(jnp.log(jnp.exp(logits[0, i] - logits[0, i].max()).sum())
+                        + logits[0, i].max() - logits[0, i, row[i]])
+      ref.append(float(logp))
+  np.testing.assert_allclose(got["ar_nll"], np.mean(ref), rtol=1e-4)
+  assert got["ar_ppl"] == pytest.approx(np.exp(got["ar_nll"]))
+  assert got["bdlm_nelbo"] > 0 and got["mdlm_nelbo"] > 0
