@@ -22,10 +22,10 @@ def get_config():
   c.objective.edit_weight = 1.0
   c.objective.keep_weight = 1.0
   c.objective.complementary = False
-  c.optim.lr = 5e-4
-  c.optim.warmup_steps = 10
+  c.optim.lr = 8e-4
+  c.optim.warmup_steps = 20
   c.optim.schedule = "cosine"
-  c.steps = 500
+  c.steps = 1000  # the keep loss (identity at visible tokens) is learnt from scratch here
   c.log_every = 20
-  c.ckpt_every = 100
+  c.ckpt_every = 200
   return c

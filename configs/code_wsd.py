@@ -21,7 +21,7 @@ def get_config():
   c.noise_steps = 50
   c.wsd.enabled = True
   c.wsd.stages = ((100, 4), (100, 32), (50, 64), (150, 128), (200, 32))
-  c.optim.lr = 1e-3
+  c.optim.lr = 8e-4
   c.optim.warmup_steps = 20
   c.optim.schedule = "wsd"
   c.steps = 600

@@ -17,7 +17,8 @@ and, for the final model, decodes `--prompts` held-out code prompts (the first 2
 held-out windows) plus "def fibonacci(n):" in Quality and Speedy modes (64 new tokens, block 32):
 NFE, TPF, edits (`experiments/harness.py` conventions). Writes
 `experiments/results/code_model.{json,md}` and `code_model_training.png` (the loss curves of the
-three stages from their `metrics.jsonl`).
+three stages from their `metrics.jsonl`). The shipped bf16 asset is measured too (and is the
+model decoded, unless --no-decode-asset).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def write_markdown(path: str, rec: dict) -> None:
     lines.append(f"| {stage} | {m['ar_nll']:.3f} | {m['ar_ppl']:.1f} | {m['bdlm_nelbo']:.3f} | "
                  f"{m['bdlm_ppl']:.1f} | {m['mdlm_nelbo']:.3f} |")
   d = rec["decode"]
-  lines += ["", f"Decoding, final model, {len(d['prompts'])} prompts (held-out code prefixes of "
+  lines += ["", f"Decoding ({os.path.relpath(d['model'], ROOT)}), {len(d['prompts'])} prompts (held-out code prefixes of "
             f"{PROMPT_TOKENS} tokens and \"def fibonacci(n):\"), {GEN} new tokens, block 32, "
             "one batch, greedy:", "",
             "| mode | mean NFE | mean TPF | edits/row | tok/s | run s | first s |",
@@ -187,15 +188,19 @@ def main(argv=None) -> int:
   ap.add_argument("--chunks", type=int, default=48)
   ap.add_argument("--draws", type=int, default=4)
   ap.add_argument("--prompts", type=int, default=15)
+  ap.add_argument("--decode-asset", action=argparse.BooleanOptionalAction, default=True,
+                  help="decode with the shipped bf16 asset (default) instead of the fp32 stage")
   args = ap.parse_args(argv)
   with open(os.path.join(args.workdir, "held_out_files.json")) as f:
     held = json.load(f)
   final = os.path.join(args.workdir, f"{STAGES[-1]}_hf")
   tok = Tokenizer.from_dir(final)
   windows = held_out_windows(held, tok, args.chunks)
+  from experiments.train_default_model import ASSET
   lik = {}
-  for stage in STAGES:
-    path = os.path.join(args.workdir, f"{stage}_hf")
+  paths = [(stage, os.path.join(args.workdir, f"{stage}_hf")) for stage in STAGES]
+  paths.append(("shipped (bf16 asset)", ASSET))
+  for stage, path in paths:
     if not os.path.exists(os.path.join(path, "config.json")):
       print(f"[eval] {stage}: no checkpoint in {path}, skipped")
       continue
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     lik[stage] = likelihoods(params, c, windows, args.draws, seed=0)
     print(f"[eval] {stage}: {lik[stage]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-  c, params = llada_jax.load_hf_checkpoint(final)
+  c, params = llada_jax.load_hf_checkpoint(ASSET if args.decode_asset else final)
   prompts = [tok.decode(list(w[:PROMPT_TOKENS])) for w in windows[:args.prompts]]
   prompts.append("def fibonacci(n):")
   dec = decode_modes(params, c, tok, prompts)
@@ -212,6 +217,7 @@ def main(argv=None) -> int:
     print(f"[decode] {mode}: mean NFE {dec[mode]['mean_nfe']:.1f}, "
           f"mean TPF {dec[mode]['mean_tpf']:.2f}, edits/row {dec[mode]['mean_edits']:.1f}")
   from experiments.train_default_model import HELD_OUT
+  dec["model"] = ASSET if args.decode_asset else final
   rec = dict(hardware=hardware(), n_windows=len(windows), window=WINDOW, draws=args.draws,
              held_out_modules=list(HELD_OUT), held_out_files=len(held), likelihood=lik,
              decode=dec)

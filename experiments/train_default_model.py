@@ -4,7 +4,9 @@
 
 Steps, all with this package's own pipeline:
   1. corpus: the standard library's `.py` sources (no tests, no site-packages), minus a fixed
-     held-out set of modules kept for evaluation (`HELD_OUT`);
+     held-out set of modules kept for evaluation (`HELD_OUT`), cut at blank lines into pieces
+     of about `CHUNK_CHARS` characters, each its own document (so that shuffling mixes files:
+     whole files packed back to back fill ~20 consecutive batches from one file);
   2. tokenizer: byte-level BPE (`tokenizers`, vocabulary 2048) with mask / EOS / chat tokens and
      a chat template;
   3. training: AR pretraining (block 1) -> WSD conversion to block diffusion (4 -> 32 -> whole
@@ -30,6 +32,7 @@ SPECIALS = ["<|endoftext|>", "<|mask|>", "<|pad|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 VOCAB = 2048
+CHUNK_CHARS = 1500
 
 
 def stdlib_files() -> tuple[list[str], list[str]]:
@@ -49,18 +52,39 @@ def stdlib_files() -> tuple[list[str], list[str]]:
   return train, held
 
 
+def split_source(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
+  """Consecutive pieces of `text` (which they concatenate back to) of at least `chunk_chars`
+  characters, cut after a blank line (or after any line once a piece reaches 3x the size)."""
+  pieces, cur, size = [], [], 0
+  for line in text.splitlines(keepends=True):
+    cur.append(line)
+    size += len(line)
+    if (size >= chunk_chars and not line.strip()) or size >= 3 * chunk_chars:
+      pieces.append("".join(cur))
+      cur, size = [], 0
+  if cur:
+    pieces.append("".join(cur))
+  return pieces
+
+
 def stage_corpus(files: list[str], out: str) -> str:
+  """Writes every file's pieces (`split_source`) as `out/FFFFF_PPPP.txt` documents."""
   if os.path.isdir(out):
     return out
   tmp = out + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  n = 0
   for i, f in enumerate(files):
     with open(f, encoding="utf-8", errors="replace") as src:
       text = src.read()
-    with open(os.path.join(tmp, f"{i:05d}.txt"), "w", encoding="utf-8") as dst:
-      dst.write(text)
+    for k, piece in enumerate(split_source(text)):
+      if piece.strip():
+        with open(os.path.join(tmp, f"{i:05d}_{k:04d}.txt"), "w", encoding="utf-8") as dst:
+          dst.write(piece)
+        n += 1
   os.replace(tmp, out)
+  print(f"corpus: {n} documents of about {CHUNK_CHARS} characters in {out}")
   return out
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 import llada_jax  # noqa: E402
 from experiments import paper_in_miniature as mini  # noqa: E402
 from llada_jax import visualize  # noqa: E402
+from llada_jax.train import toy_tasks  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
     cases = [("prompt", args.prompt, None)]
   else:
     test = mini.test_set(32)
-    cases = [test[i // 3 + 32 * (i % 3)] for i in range(32)]  # interleave the three tasks
+    k = len(mini.TASKS)
+    cases = [test[i // k + 32 * (i % k)] for i in range(32)]  # interleave the tasks
   prompts = [tok.encode(p) for _, p, _ in cases]
   result = llada_jax.generate(params, config, prompts, mode=args.mode, trajectory=True,
                               gen_length=mini.GEN, block_length=mini.BLOCK,
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
   task, text, answer = cases[row]
   out = tok.decode(result.output_ids[row])
   verdict = "" if answer is None else (
-      f" -> {out!r} ({'right' if out.strip() == answer else 'wrong'}; answer {answer!r})")
+      f" -> {out!r} ({'right' if toy_tasks.match_any(out, answer) else 'wrong'}; answer "
+      f"{answer!r})")
   title = (f"{mini.LABELS[args.model]} model, {args.mode} mode: {text!r}{verdict}")
   os.makedirs(args.out, exist_ok=True)
   html_path = os.path.join(args.out, "trajectory.html")

@@ -192,6 +192,9 @@ def trajectory_png(result, row: int, path: str, *, tokenizer=None,
   if n_fwd <= 40:
     ax.set_yticks(range(1, n_fwd + 1))
   s = result.settings
+  if title is not None:  # wrap long titles to the figure's width (about 11 characters an inch)
+    import textwrap
+    title = "\n".join(textwrap.wrap(title, max(int(fig_w * 11), 40)))
   ax.set_title(title or f"row {row}: {s.algorithm}, threshold {s.threshold}, edit "
                f"{s.editing_threshold}, block {s.block_length}, MBE {s.mbe_window} | NFE "
                f"{result.nfe[row]}, fills {result.fills[row]}, edits {result.edits[row]}",

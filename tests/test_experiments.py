@@ -27,7 +27,7 @@ def model():
 
 def test_bench_modes_prints_one_row_per_setting(tmp_path, capsys):
   out = tmp_path / "rows.json"
-  assert bench_modes.main(["--checkpoint", TINY, "--per-task", "2", "--tasks", "add2,rev",
+  assert bench_modes.main(["--checkpoint", TINY, "--per-task", "2", "--tasks", "add2,pick",
                            "--settings", "quality,speedy", "--json", str(out)]) == 0
   text = capsys.readouterr().out
   assert "hardware:" in text and "compile s" in text and "tok/s" in text
@@ -35,7 +35,7 @@ def test_bench_modes_prints_one_row_per_setting(tmp_path, capsys):
   assert [r["name"] for r in rows] == ["quality", "speedy"]
   for r in rows:
     assert r["n"] == r["batch_size"] == 4 and 0.0 <= r["accuracy"] <= 1.0
-    assert set(r["accuracy_by_task"]) == {"add2", "rev"}
+    assert set(r["accuracy_by_task"]) == {"add2", "pick"}
     assert r["mean_tpf"] > 0 and r["jax_version"]
     assert f"{r['accuracy']:.3f}" in text
 
@@ -88,3 +88,13 @@ def test_ar_nll_is_the_next_token_log_likelihood(model):
   np.testing.assert_allclose(got["ar_nll"], np.mean(ref), rtol=1e-4)
   assert got["ar_ppl"] == pytest.approx(np.exp(got["ar_nll"]))
   assert got["bdlm_nelbo"] > 0 and got["mdlm_nelbo"] > 0
+
+
+def test_corpus_pieces_cut_at_blank_lines_and_join_back():
+  from experiments.train_default_model import split_source
+  text = "".join(f"def f{i}():\n    return {i}\n\n" for i in range(200)) + "x = 1\n" * 500
+  pieces = split_source(text, chunk_chars=300)
+  assert "".join(pieces) == text and len(pieces) > 5
+  for p in pieces[:-1]:
+    assert len(p) >= 300 and (p.endswith("\n\n") or len(p) >= 900)
+  assert any(p.endswith("\n\n") for p in pieces) and max(map(len, pieces)) < 950

@@ -25,7 +25,8 @@ def test_old_tasks_draw_the_same_examples():
   assert [p for p, _ in toy_tasks.examples("sort", 5, 3)] == [f"sort {s}=" for s in old]
 
 
-@pytest.mark.parametrize("task", ["bench_add2", "bench_rev", "bench_sort", "bench_mix"])
+@pytest.mark.parametrize("task", ["bench_add2", "bench_rev", "bench_sort", "bench_pick",
+                                  "bench_mix"])
 def test_splits_are_disjoint_and_answers_right(task):
   train = toy_tasks.examples(f"{task}@train", 400, 0)
   test = toy_tasks.unique_examples(f"{task}@test", 60, 1)
@@ -40,10 +41,21 @@ def test_splits_are_disjoint_and_answers_right(task):
       assert int(a) == int(x) + int(y) and int(x) < 100 and int(y) < 100
     elif kind == "rev":
       assert a == p[4:-1][::-1] and 3 <= len(a) <= 6
+    elif kind == "pick":
+      w1, w2 = toy_tasks.pick_options(p)
+      assert a in (w1, w2) and len(w1) == len(w2) and 4 <= len(a) <= 6
+      assert len(set(w1)) == len(set(w2)) == 1 and w1[0] != w2[0]
+      assert toy_tasks.match_any(f" {a} ", f"{w1}|{w2}") == 1.0
+      assert toy_tasks.match_any(w1[:-1] + "#", f"{w1}|{w2}") == 0.0
     else:
       assert a == "".join(sorted(p[5:-1])) and 3 <= len(a) <= 6
   if task != "bench_mix":
     assert {toy_tasks.task_of(p) for p, _ in train} == {task[len("bench_"):]}
+
+
+def test_pick_draws_both_words():
+  answers = [(a == toy_tasks.pick_options(p)[0]) for p, a in toy_tasks.examples("pick", 400, 0)]
+  assert 150 < sum(answers) < 250
 
 
 def test_bad_split_and_task_names():

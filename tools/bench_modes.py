@@ -3,11 +3,11 @@
 For a byte-level LLaDA2 checkpoint trained on the toy tasks (default: the editing model that
 `experiments/paper_in_miniature.py` trains into `out/miniature/editing/hf`), decodes the held-out
 test split of each task in one batch per setting and prints one table row per setting:
-accuracy (exact match), mean TPF, mean NFE, edits per row, tokens/s, batch size, compile time
+accuracy (exact match; `pick`: either word), mean TPF, mean NFE, edits per row, tokens/s, batch size, compile time
 and run time (first call minus second call, and the second call), with the hardware and JAX
 version above the table (`experiments/harness.py` defines every column).
 
-  python tools/bench_modes.py [--checkpoint DIR] [--tasks add2,rev,sort] [--per-task 64]
+  python tools/bench_modes.py [--checkpoint DIR] [--tasks add2,rev,sort,pick] [--per-task 64]
       [--settings quality,speedy,llada2.0] [--gen-length 16] [--block-length 8] [--json FILE]
 """
 
@@ -33,7 +33,7 @@ SETTINGS = {
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
   p.add_argument("--checkpoint", default=os.path.join(ROOT, "out", "miniature", "editing", "hf"))
-  p.add_argument("--tasks", default="add2,rev,sort")
+  p.add_argument("--tasks", default="add2,rev,sort,pick")
   p.add_argument("--per-task", type=int, default=64)
   p.add_argument("--settings", default="llada2.0,quality,speedy,quality+mbe2,speedy+mbe2")
   p.add_argument("--gen-length", type=int, default=16)
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
 
   import llada_jax
   from experiments.harness import evaluate_setting, hardware_line
+  from experiments.paper_in_miniature import valid_answers
   from llada_jax.train import toy_tasks
   from llada_jax.train.data import ByteTokenizer
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
       pairs = toy_tasks.unique_examples(f"bench_{task}@test", args.per_task, 12345 + i)
     except ValueError as e:
       p.error(str(e))
-    examples += [(task, q, a) for q, a in pairs]
+    examples += [(task, q, valid_answers(task, q, a)) for q, a in pairs]
 
   print(f"{args.checkpoint}: {len(examples)} held-out prompts ({args.tasks}), gen "
         f"{args.gen_length}, block {args.block_length}, greedy")
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
   rows = []
   for name in names:
     r = evaluate_setting(params, config, examples, tok, name=name, gen_length=args.gen_length,
-                         block_length=args.block_length, **SETTINGS[name])
+                         block_length=args.block_length, score=toy_tasks.match_any,
+                         **SETTINGS[name])
     rows.append(r)
     print(f"{name:>14} {r['accuracy']:>6.3f} {r['mean_tpf']:>5.2f} {r['mean_nfe']:>5.1f} "
           f"{r['edits_per_row']:>6.2f} {r['tokens_per_s']:>7.0f} {r['batch_size']:>5} "

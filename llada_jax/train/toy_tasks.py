@@ -4,8 +4,9 @@ Each task maps a `random.Random` to a `(prompt, answer)` pair of strings. Used f
 smoke runs and the speed/quality benchmark (`experiments/`).
 
 Benchmark variants (`experiments/paper_in_miniature.py`): `bench_add2` (2-digit addition),
-`bench_rev` (reversal of 3-6 letters), `bench_sort` (sorting 3-6 digits) and `bench_mix` (one
-of the three at random).
+`bench_rev` (reversal of 3-6 letters), `bench_sort` (sorting 3-6 digits), `bench_pick` (copy
+either of two words of one repeated letter: two valid answers, so positions decoded in
+parallel can mix them) and `bench_mix` (one of the four at random).
 Any task name may carry a split suffix, `NAME@train` or `NAME@test`: the split of an example is
 a fixed hash of its prompt (`in_test_split`), so the two splits never share a prompt whatever
 seeds draw them (`get_task` rejection-samples the wanted split).
@@ -40,17 +41,35 @@ def sort_digits(rng: random.Random, length: int = 6, min_length: int | None = No
   return f"sort {s}=", "".join(sorted(s))
 
 
+def pick_one(rng: random.Random, length: int = 6, min_length: int = 4) -> Example:
+  """`pick cccc ffff=` -> `cccc` or `ffff` (each w.p. 1/2; both are right answers).
+
+  Each answer token alone is a coin flip between the two letters, but the tokens must agree: a
+  decoder that fills several positions at once from their marginals mixes them (`cfcf`), one
+  that fills a token at a time, or edits, can stay consistent.
+  """
+  n = _length(rng, length, min_length)
+  x, y = rng.sample("abcdefghijklmnopqrstuvwxyz", 2)
+  return f"pick {x * n} {y * n}=", rng.choice((x, y)) * n
+
+
+def pick_options(prompt: str) -> list[str]:
+  """The two valid answers of a `pick_one` prompt."""
+  return prompt[len("pick "):-1].split(" ")
+
+
 def repeat_char(rng: random.Random, length: int = 8) -> Example:
   c = rng.choice("xyz")
   return f"rep {c}=", c * length
 
 
 # The miniature speed/quality benchmark: short answers (<= 6 tokens + EOS), prompt + answer
-# within 17 tokens, variable answer lengths (the model must also place the EOS).
+# within 26 tokens, variable answer lengths (the model must also place the EOS).
 BENCHMARK: dict[str, Callable[[random.Random], Example]] = {
     "bench_add2": functools.partial(addition, digits=2),
     "bench_rev": functools.partial(reverse, length=6, min_length=3),
     "bench_sort": functools.partial(sort_digits, length=6, min_length=3),
+    "bench_pick": pick_one,
 }
 
 
@@ -61,6 +80,7 @@ def mixed(rng: random.Random) -> Example:
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "addition": addition, "reverse": reverse, "sort": sort_digits, "repeat": repeat_char,
+    "pick": pick_one,
     **BENCHMARK, "bench_mix": mixed,
 }
 SPLITS = ("train", "test")
@@ -101,7 +121,9 @@ def get_task(name: str) -> Callable[[random.Random], Example]:
 
 
 def task_of(prompt: str) -> str:
-  """Which benchmark task a prompt belongs to, as a short label (`add2`, `rev` or `sort`)."""
+  """Which benchmark task a prompt belongs to, as a short label (`add2`, `rev`, `sort`, `pick`)."""
+  if prompt.startswith("pick "):
+    return "pick"
   if prompt.startswith("rev "):
     return "rev"
   if prompt.startswith("sort "):
@@ -135,6 +157,11 @@ def unique_examples(name: str, n: int, seed: int) -> list[Example]:
 
 def exact_match(predicted: str, answer: str) -> float:
   return float(predicted.strip() == answer)
+
+
+def match_any(predicted: str, answers: str) -> float:
+  """1.0 when the prediction is one of the `|`-separated valid answers (exact match otherwise)."""
+  return float(predicted.strip() in answers.split("|"))
 
 
 def char_overlap(predicted: str, answer: str) -> float:
