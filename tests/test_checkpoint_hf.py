@@ -138,6 +138,10 @@ def test_fp32_round_trip_is_bit_identical(loaded, tmp_path):
   d, c, p, raw = loaded
   save_hf_checkpoint(tmp_path / "out", c, p)
   assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("config.json", "model.safetensors"):  # the mode `open` gives, not owner-only
+    assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o666 & ~umask, name
   c2, p2 = load_hf_checkpoint(tmp_path / "out")
   assert c2 == c
   a, b = _leaves(p), _leaves(p2)

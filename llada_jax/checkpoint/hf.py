@@ -336,6 +336,17 @@ def _carry_other_files(old: str, new: str) -> None:
       _link_or_copy(src, dst)
 
 
+def _default_permissions(directory: str) -> None:
+  """Gives the written files the mode a plain `open` would (0666 less the umask): the
+  safetensors writer creates them owner-only (0600)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in os.listdir(directory):
+    f = os.path.join(directory, name)
+    if _is_checkpoint_file(name) and os.path.isfile(f):
+      os.chmod(f, 0o666 & ~umask)
+
+
 def _sibling(path: str, tag: str) -> str:
   parent, base = os.path.split(path)
   return os.path.join(parent, f".{base}.{tag}-{uuid.uuid4().hex[:12]}")
@@ -383,6 +394,7 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: Par
   try:
     _write_weights(tmp, config, params, max_shard_bytes)
     config.to_json_file(os.path.join(tmp, CONFIG_NAME))
+    _default_permissions(tmp)
     if os.path.isdir(path):
       _carry_other_files(path, tmp)
     _swap_into_place(tmp, path)
