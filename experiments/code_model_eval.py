@@ -131,18 +131,28 @@ def plot_curves(curves: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(9, 4.5))
+
+  def smooth(values, k=5):  # each logged value is one batch: a running mean of k of them
+    v = np.asarray(values, np.float64)
+    c = np.cumsum(np.concatenate([[0.0], v]))
+    lo = np.maximum(np.arange(1, len(v) + 1) - k, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(v) + 1) - lo)
+
   offset = 0
   for stage, rows in curves.items():
     steps = [offset + r["step"] for r in rows]
-    ax.plot(steps, [r.get("m2t_loss", r["loss"]) for r in rows], label=f"{stage}: M2T loss")
+    ax.plot(steps, smooth([r.get("m2t_loss", r["loss"]) for r in rows]),
+            label=f"{stage}: M2T loss")
     if any(r.get("t2t_loss", 0) > 0 for r in rows):
-      ax.plot(steps, [r["t2t_loss"] for r in rows], label=f"{stage}: T2T (corrupted) loss")
-      ax.plot(steps, [r.get("keep_loss", 0.0) for r in rows], label=f"{stage}: keep loss")
+      ax.plot(steps, smooth([r["t2t_loss"] for r in rows]),
+              label=f"{stage}: T2T (corrupted) loss")
+      ax.plot(steps, smooth([r.get("keep_loss", 0.0) for r in rows]),
+              label=f"{stage}: keep loss")
     if rows:
       ax.axvline(offset, color="k", lw=0.5, alpha=0.4)
       offset = steps[-1]
   ax.set_xlabel("training step (stages in sequence)")
-  ax.set_ylabel("nats / token")
+  ax.set_ylabel("nats / token (running mean of 5 logged batches)")
   ax.set_title("Default code model: AR -> WSD (block 4..128..32) -> M2T+T2T editing")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

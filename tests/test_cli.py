@@ -97,6 +97,19 @@ def test_embedded_model_completes_code_and_chat_is_opt_in(capsys):
   assert text.startswith("def f(x):") and "-- " in text and "nfe" in text
 
 
+def test_embedded_model_acceptance_speedy_uses_fewer_forwards(capsys):
+  """The README's first command: Python-looking text from the shipped model, and Speedy mode
+  (lower thresholds, editing) decodes the same 128 tokens in fewer forwards than Quality."""
+  nfe = {}
+  for mode in ("quality", "speedy"):
+    assert main(["--mode", mode, "--prompt", "def fibonacci(n):", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["output_ids"]) == 128 and out["tpf"] == pytest.approx(128 / out["nfe"])
+    assert "self" in out["text"] and "return" in out["text"] and "    " in out["text"]
+    nfe[mode] = out["nfe"]
+  assert nfe["speedy"] < nfe["quality"], nfe
+
+
 def test_logits_tool_reproduces_fixture(gold, tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "tools"))
   try:
