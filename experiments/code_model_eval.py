@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 import llada_jax  # noqa: E402
 from experiments.harness import hardware, hardware_line  # noqa: E402
+from experiments.train_default_model import ASSET, HELD_OUT  # noqa: E402
 from llada_jax.tokenizer import Tokenizer  # noqa: E402
 from llada_jax.train import objectives as obj  # noqa: E402
 
@@ -206,8 +207,8 @@ def main(argv=None) -> int:
   final = os.path.join(args.workdir, f"{STAGES[-1]}_hf")
   tok = Tokenizer.from_dir(final)
   windows = held_out_windows(held, tok, args.chunks)
-  from experiments.train_default_model import ASSET
-  lik = {}
+  decode_path = ASSET if args.decode_asset else final
+  lik, decode_model = {}, None
   paths = [(stage, os.path.join(args.workdir, f"{stage}_hf")) for stage in STAGES]
   paths.append(("shipped (bf16 asset)", ASSET))
   for stage, path in paths:
@@ -218,7 +219,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     lik[stage] = likelihoods(params, c, windows, args.draws, seed=0)
     print(f"[eval] {stage}: {lik[stage]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-  c, params = llada_jax.load_hf_checkpoint(ASSET if args.decode_asset else final)
+    if path == decode_path:
+      decode_model = (c, params)
+  c, params = decode_model or llada_jax.load_hf_checkpoint(decode_path)
   prompts = [tok.decode(list(w[:PROMPT_TOKENS])) for w in windows[:args.prompts]]
   prompts.append("def fibonacci(n):")
   dec = decode_modes(params, c, tok, prompts)
@@ -226,8 +229,7 @@ def main(argv=None) -> int:
   for mode in ("quality", "speedy"):
     print(f"[decode] {mode}: mean NFE {dec[mode]['mean_nfe']:.1f}, "
           f"mean TPF {dec[mode]['mean_tpf']:.2f}, edits/row {dec[mode]['mean_edits']:.1f}")
-  from experiments.train_default_model import HELD_OUT
-  dec["model"] = ASSET if args.decode_asset else final
+  dec["model"] = decode_path
   rec = dict(hardware=hardware(), n_windows=len(windows), window=WINDOW, draws=args.draws,
              held_out_modules=list(HELD_OUT), held_out_files=len(held), likelihood=lik,
              decode=dec)

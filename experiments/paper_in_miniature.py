@@ -143,9 +143,10 @@ def valid_answers(task: str, prompt: str, answer: str) -> str:
   return "|".join(toy_tasks.pick_options(prompt)) if task == "pick" else answer
 
 
-def test_set(per_task: int) -> list[tuple[str, str, str]]:
+def test_set(per_task: int, tasks=TASKS) -> list[tuple[str, str, str]]:
+  """`(task, prompt, valid answers)` for `per_task` held-out prompts of each task."""
   out = []
-  for i, task in enumerate(TASKS):
+  for i, task in enumerate(tasks):
     out += [(task, p, valid_answers(task, p, a)) for p, a in
             toy_tasks.unique_examples(f"bench_{task}@test", per_task, TEST_SEED + i)]
   return out

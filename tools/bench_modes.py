@@ -3,9 +3,9 @@
 For a byte-level LLaDA2 checkpoint trained on the toy tasks (default: the editing model that
 `experiments/paper_in_miniature.py` trains into `out/miniature/editing/hf`), decodes the held-out
 test split of each task in one batch per setting and prints one table row per setting:
-accuracy (exact match; `pick`: either word), mean TPF, mean NFE, edits per row, tokens/s, batch size, compile time
-and run time (first call minus second call, and the second call), with the hardware and JAX
-version above the table (`experiments/harness.py` defines every column).
+accuracy (exact match; `pick`: either word), mean TPF, mean NFE, edits per row, tokens/s, batch
+size, compile time and run time (first call minus second call, and the second call), with the
+hardware and JAX version above the table (`experiments/harness.py` defines every column).
 
   python tools/bench_modes.py [--checkpoint DIR] [--tasks add2,rev,sort,pick] [--per-task 64]
       [--settings quality,speedy,llada2.0] [--gen-length 16] [--block-length 8] [--json FILE]
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
   import llada_jax
   from experiments.harness import evaluate_setting, hardware_line
-  from experiments.paper_in_miniature import valid_answers
+  from experiments.paper_in_miniature import test_set
   from llada_jax.train import toy_tasks
   from llada_jax.train.data import ByteTokenizer
 
@@ -59,13 +59,10 @@ def main(argv=None) -> int:
     p.error(f"{args.checkpoint} is not a byte-level model (vocab {config.vocab_size})")
   tok = ByteTokenizer(eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                       mask_id=config.mask_token_id, vocab_size=config.vocab_size)
-  examples = []
-  for i, task in enumerate(t for t in args.tasks.split(",") if t):
-    try:
-      pairs = toy_tasks.unique_examples(f"bench_{task}@test", args.per_task, 12345 + i)
-    except ValueError as e:
-      p.error(str(e))
-    examples += [(task, q, valid_answers(task, q, a)) for q, a in pairs]
+  try:
+    examples = test_set(args.per_task, [t for t in args.tasks.split(",") if t])
+  except ValueError as e:
+    p.error(str(e))
 
   print(f"{args.checkpoint}: {len(examples)} held-out prompts ({args.tasks}), gen "
         f"{args.gen_length}, block {args.block_length}, greedy")
