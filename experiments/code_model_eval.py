@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import llada_jax  # noqa: E402
+from llada_jax import optional  # noqa: E402
 from experiments.harness import hardware, hardware_line  # noqa: E402
 from experiments.train_default_model import ASSET, HELD_OUT  # noqa: E402
 from llada_jax.tokenizer import Tokenizer  # noqa: E402
@@ -202,6 +203,7 @@ def main(argv=None) -> int:
   ap.add_argument("--decode-asset", action=argparse.BooleanOptionalAction, default=True,
                   help="decode with the shipped bf16 asset (default) instead of the fp32 stage")
   args = ap.parse_args(argv)
+  optional.require_or_exit("matplotlib.pyplot", "the training-curve plot")
   with open(os.path.join(args.workdir, "held_out_files.json")) as f:
     held = json.load(f)
   final = os.path.join(args.workdir, f"{STAGES[-1]}_hf")

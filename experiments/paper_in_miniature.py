@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import llada_jax  # noqa: E402
+from llada_jax import optional  # noqa: E402
 from experiments.harness import evaluate_setting, hardware, hardware_line  # noqa: E402
 from llada_jax.train import toy_tasks  # noqa: E402
 from llada_jax.train.data import ByteTokenizer  # noqa: E402
@@ -368,6 +369,7 @@ def main(argv=None) -> int:
   ap.add_argument("--report-only", action="store_true",
                   help="rebuild miniature.md and the plots from miniature.json")
   args = ap.parse_args(argv)
+  optional.require_or_exit("matplotlib.pyplot", "the miniature plots")
   os.makedirs(OUT, exist_ok=True)
   os.makedirs(RESULTS, exist_ok=True)
   if args.report_only:

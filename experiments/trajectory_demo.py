@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import llada_jax  # noqa: E402
+from llada_jax import optional  # noqa: E402
 from experiments import paper_in_miniature as mini  # noqa: E402
 from llada_jax import visualize  # noqa: E402
 from llada_jax.train import toy_tasks  # noqa: E402
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
   ap.add_argument("--prompt", default=None)
   ap.add_argument("--out", default=mini.RESULTS)
   args = ap.parse_args(argv)
+  optional.require_or_exit("matplotlib.pyplot", "the trajectory PNG")
   hf = os.path.join(mini.OUT, args.model, "hf")
   if not os.path.exists(os.path.join(hf, "config.json")):
     raise SystemExit(f"no model at {hf}: run experiments/paper_in_miniature.py first")

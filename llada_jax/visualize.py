@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 from typing import Sequence
 
+from llada_jax import optional
+
 # cell states of the grid (the PNG's colour index)
 OUTSIDE, MASK, KEPT, FILL, EDIT, PROMPT = range(6)
 STATE_NAMES = ("outside the window", "still masked", "unchanged", "filled (M2T)", "edited (T2T)",
@@ -166,9 +168,9 @@ def trajectory_png(result, row: int, path: str, *, tokenizer=None,
   """Draws row `row`'s trajectory as a grid (x = canvas position, y = forward index, colour =
   filled / edited / unchanged / still masked) into the PNG `path`; returns `path`. With a
   `tokenizer`, small grids also print each cell's token."""
-  import matplotlib.pyplot as plt
-  from matplotlib.colors import ListedColormap
-  from matplotlib.patches import Patch
+  plt = optional.require("matplotlib.pyplot", "drawing a trajectory PNG")
+  from matplotlib.colors import ListedColormap  # noqa: PLC0415 (present once pyplot is)
+  from matplotlib.patches import Patch  # noqa: PLC0415
 
   prompt_length = None if prompt is None else len(prompt)
   states, tokens, lo = trajectory_grid(result, row, prompt_length)
