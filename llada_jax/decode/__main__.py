@@ -62,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mask-id", type=int, default=None, help="default: from the config")
   _bool_flag(p, "eos-early-stop", "stop a row at its first EOS (default: on)")
   p.add_argument("--mbe-window", type=int, default=None, help="multi-block editing window")
-  p.add_argument("--attention-impl", default="xla", help="xla | pallas | pallas_tpu")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh: 'auto' (the default with more than one device: expert "
+                 "parallel, then data, fsdp, tensor as memory needs), 'none', or sizes such as "
+                 "'data=2,expert=4' (axes data, fsdp, expert, tensor; one may be -1)")
+  p.add_argument("--moe-impl", default="auto",
+                 help="auto | ragged | dense | ep | ep_ragged (auto: ragged on one device, "
+                 "dropless expert parallelism on a mesh)")
+  p.add_argument("--attention-impl", default="auto",
+                 help="auto (the Pallas kernel on TPU, XLA elsewhere) | xla | pallas | pallas_tpu")
   p.add_argument("--update-impl", default="jnp", help="jnp | pallas | pallas_tpu")
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
   p.add_argument("--batch-invariant", action="store_true",
@@ -89,6 +97,33 @@ def _parse_ids(text: str) -> list[int]:
   return ids
 
 
+def _mesh_spec(flag: str | None) -> str | None:
+  """The --mesh flag checked (before any slow work): None (one device), "auto" or a spec.
+  The default is "auto", which is one device where only one is present."""
+  from llada_jax import parallel  # noqa: PLC0415
+  if flag is None or flag == "auto":
+    return "auto"
+  if flag.strip().lower() in ("none", ""):
+    return None
+  parallel.parse_mesh_spec(flag)  # raises one line on a bad spec
+  parallel.fake_cpu_devices(flag)
+  return flag
+
+
+def _resolve_mesh(spec, ckpt: str, batch: int, longest_prompt: int, args):
+  """The `Mesh` for `spec`; "auto" plans with the checkpoint's config and this workload."""
+  from llada_jax import parallel  # noqa: PLC0415
+  from llada_jax.decode.api import prompt_bucket  # noqa: PLC0415
+  bl = args.block_length or 32
+  workload = parallel.Workload(batch=batch, prompt=prompt_bucket(longest_prompt, bl),
+                               gen=args.gen_length, block_length=bl)
+  mesh = parallel.mesh_for_checkpoint(spec, ckpt, dtype=args.dtype, workload=workload)
+  if mesh is not None and args.format == "text":
+    print(f"mesh: {parallel.format_mesh_shape(dict(mesh.shape))} over {mesh.size} "
+          f"{mesh.devices.flat[0].platform} devices", file=sys.stderr)
+  return mesh
+
+
 def run(argv=None) -> int:
   args = build_parser().parse_args(argv)
   if args.mode not in MODES:
@@ -102,8 +137,9 @@ def run(argv=None) -> int:
   import llada_jax
   from llada_jax.decode.settings import DecodeSettings
   from llada_jax.tokenizer import Tokenizer
-  # Validate settings before the (slow) checkpoint load.
+  # Validate settings and the mesh spec before the (slow) checkpoint load.
   block_length = DecodeSettings.for_mode(args.mode, **_settings_overrides(args)).block_length
+  mesh_spec = _mesh_spec(args.mesh)
 
   tokenizer = None
   if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
@@ -126,7 +162,8 @@ def run(argv=None) -> int:
   prompts += [_parse_ids(x) for x in args.prompt_ids or []]
   shown_prompts += [""] * (len(prompts) - len(shown_prompts))
 
-  config, params = llada_jax.load_hf_checkpoint(ckpt, dtype=args.dtype)
+  mesh = _resolve_mesh(mesh_spec, ckpt, len(prompts), max(map(len, prompts)), args)
+  config, params = llada_jax.load_hf_checkpoint(ckpt, dtype=args.dtype, mesh=mesh)
   on_block = None
   if args.stream and args.format == "text":
     def on_block(rows, block, canvas, prompt_len):
@@ -138,6 +175,7 @@ def run(argv=None) -> int:
   t0 = time.perf_counter()
   result = llada_jax.generate(params, config, prompts, mode=args.mode,
                               attention_impl=args.attention_impl, update_impl=args.update_impl,
+                              moe_impl=args.moe_impl, mesh=mesh,
                               batch_invariant=args.batch_invariant, on_block=on_block,
                               **_settings_overrides(args))
   seconds = time.perf_counter() - t0
@@ -151,7 +189,8 @@ def run(argv=None) -> int:
   if args.format == "json":
     out = dict(rows[0]) if len(rows) == 1 else {"rows": rows}
     out.update(settings=dataclasses.asdict(result.settings), mode=args.mode,
-               checkpoint=os.path.abspath(ckpt), seconds=round(seconds, 3))
+               checkpoint=os.path.abspath(ckpt), seconds=round(seconds, 3),
+               mesh=None if mesh is None else dict(mesh.shape))
     print(json.dumps(out))
   else:
     for i, row in enumerate(rows):

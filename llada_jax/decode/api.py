@@ -9,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llada_jax import parallel
 from llada_jax.config import ModelConfig
 from llada_jax.decode.generate import STREAM_HANDLERS, Knobs, StaticSpec, decode_jit
 from llada_jax.decode.settings import DecodeSettings
+from llada_jax.model.transformer import get_attention, resolve_attention
+from llada_jax.parallel.memory import Workload
 
 
 @dataclasses.dataclass
@@ -57,10 +60,15 @@ def _check_prompts(prompts, config: ModelConfig, s: DecodeSettings) -> list[list
   return out
 
 
+def _row_shardings(inputs, mesh, rules):
+  """Canvas `[B, T]`, prompt lengths `[B]` and keys `[B, 2]`: rows over the batch axes."""
+  return tuple(parallel.activation_sharding("rows", x.shape[:1], mesh, rules) for x in inputs)
+
+
 def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
-             trajectory: bool = False, attention_impl: str = "xla", moe_impl: str = "ragged",
-             update_impl: str = "jnp", use_cache: bool = True, batch_invariant: bool = False, on_block=None,
-             **overrides) -> GenerateResult:
+             trajectory: bool = False, attention_impl: str = "auto", moe_impl: str = "auto",
+             update_impl: str = "jnp", use_cache: bool = True, batch_invariant: bool = False,
+             on_block=None, mesh=None, rules=None, **overrides) -> GenerateResult:
   """Decodes a batch of ragged prompts with block diffusion (see `DecodeSettings` for knobs).
 
   `prompts` is a list of token-id lists. Row i samples with key fold_in(PRNGKey(seed), i).
@@ -71,10 +79,16 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
   `use_cache=False` recomputes the whole canvas every step (the reference's way; a baseline).
   Repeated calls with the same (batch, prompt bucket, gen_length, block_length, algorithm,
   mbe_window, greedy) reuse the compiled program; thresholds and budgets are traced.
+  `mesh` (None, "auto", a spec such as "data=2,expert=4", or a `Mesh`) decodes under that mesh:
+  params placed by the logical-axis `rules` (a no-op when already placed, e.g. by
+  `load_hf_checkpoint(..., mesh=)`), rows split over the batch axes, and with `moe_impl="auto"`
+  the experts run expert-parallel and dropless (`llada_jax.parallel.resolve_moe_impl`).
   """
   s = DecodeSettings.for_mode(mode, **overrides).with_ids(config.eos_token_id,
                                                           config.mask_token_id)
   s.validate(config.vocab_size)
+  attention_impl = resolve_attention(attention_impl)
+  get_attention(attention_impl)  # one line on an unknown name, before any work
   rows = _check_prompts(prompts, config, s)
   bl = s.block_length
   bucket = prompt_bucket(max(map(len, rows)), bl)
@@ -94,14 +108,22 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
                     stream=on_block is not None)
   base = jax.random.PRNGKey(s.seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(len(rows)))
+  workload = Workload(batch=len(rows), prompt=bucket, gen=s.gen_length, block_length=bl)
+  mesh = parallel.resolve_mesh(mesh, config, workload=workload, rules=rules)
+  spec = dataclasses.replace(spec, moe_impl=parallel.resolve_moe_impl(moe_impl, mesh, rules,
+                                                                     dropless=True))
+  inputs = (jnp.asarray(canvas), jnp.asarray(prompt_len), keys)
   if on_block is not None:
     STREAM_HANDLERS.append(on_block)
   try:
-    out = decode_jit(params, config, jnp.asarray(canvas), jnp.asarray(prompt_len), keys,
-                     Knobs.from_settings(s), spec)
-    out = jax.device_get(out)
-    if on_block is not None:
-      jax.effects_barrier()
+    with parallel.mesh_context(mesh):
+      if mesh is not None:
+        params = parallel.shard_params(params, config, mesh, rules)
+        inputs = parallel.put(inputs, _row_shardings(inputs, mesh, rules))
+      out = decode_jit(params, config, *inputs, Knobs.from_settings(s), spec)
+      out = jax.device_get(out)
+      if on_block is not None:
+        jax.effects_barrier()
   finally:
     if on_block is not None:
       STREAM_HANDLERS.remove(on_block)

@@ -27,6 +27,8 @@ def xla_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> ja
 ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
 # Implementations living in other packages, imported (and registered) on first use.
 _LAZY_ATTENTION = {"pallas": "llada_jax.kernels", "pallas_tpu": "llada_jax.kernels"}
+# Names standing for another implementation, chosen by the default backend when resolved.
+_ALIASES = {"auto": lambda: "pallas_tpu" if jax.default_backend() == "tpu" else "xla"}
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
@@ -35,10 +37,17 @@ def register_attention(name: str, fn: AttentionFn) -> None:
 
 
 def attention_names() -> list[str]:
-  return sorted(set(ATTENTION_IMPLS) | set(_LAZY_ATTENTION))
+  return sorted(set(ATTENTION_IMPLS) | set(_LAZY_ATTENTION) | set(_ALIASES))
+
+
+def resolve_attention(name: str) -> str:
+  """The implementation a name stands for: "auto" is the Pallas TPU kernel ("pallas_tpu") on
+  a TPU backend and "xla" elsewhere; every other name stands for itself."""
+  return _ALIASES[name]() if name in _ALIASES else name
 
 
 def get_attention(name: str) -> AttentionFn:
+  name = resolve_attention(name)
   if name not in ATTENTION_IMPLS and name in _LAZY_ATTENTION:
     importlib.import_module(_LAZY_ATTENTION[name])
   if name not in ATTENTION_IMPLS:
@@ -175,13 +184,17 @@ def _check_ids(c: ModelConfig, input_ids) -> jax.Array:
 
 
 def forward(params: Params, config: ModelConfig, input_ids, *, block_length: int | None = None,
-            position_ids=None, attention_impl: str = "xla", moe_impl: str = "ragged",
-            return_all: bool = False):
+            position_ids=None, attention_impl: str = "auto", moe_impl: str = "auto",
+            return_all: bool = False, mesh=None, rules=None):
   """Logits `[B, T, V]` float32 of `input_ids` `[B, T]`.
 
   `block_length=None` is fully bidirectional attention; an integer gives the block-causal
   inference mask of that block length. `position_ids` default to `arange(T)`.
   With `return_all=True` returns the whole `ForwardOutput` (hidden states, router outputs).
+  `mesh` (None, "auto", a spec such as "data=2,expert=4", or a `Mesh`; see
+  `llada_jax.parallel.resolve_mesh`) runs under that mesh: params placed by the logical-axis
+  `rules` (a no-op when they already are), rows split over the batch axes, and with
+  `moe_impl="auto"` the experts expert-parallel (see `llada_jax.parallel.resolve_moe_impl`).
   """
   input_ids = _check_ids(config, input_ids)
   b, t = input_ids.shape
@@ -191,6 +204,14 @@ def forward(params: Params, config: ModelConfig, input_ids, *, block_length: int
   if position_ids is None:
     position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   position_ids = jnp.broadcast_to(jnp.asarray(position_ids, jnp.int32), (b, t))
-  out = _forward_jit(params, config, input_ids, position_ids, block_length=block_length,
-                     attention_impl=attention_impl, moe_impl=moe_impl, collect=return_all)
+  from llada_jax import parallel  # noqa: PLC0415 (parallel imports the model)
+  mesh = parallel.resolve_mesh(mesh, config, rules=rules)
+  moe_impl = parallel.resolve_moe_impl(moe_impl, mesh, rules)
+  with parallel.mesh_context(mesh):
+    if mesh is not None:
+      params = parallel.shard_params(params, config, mesh, rules)
+      tok = parallel.activation_sharding("tokens", (b, t), mesh, rules)
+      input_ids, position_ids = parallel.put((input_ids, position_ids), (tok, tok))
+    out = _forward_jit(params, config, input_ids, position_ids, block_length=block_length,
+                       attention_impl=attention_impl, moe_impl=moe_impl, collect=return_all)
   return out if return_all else out.logits
