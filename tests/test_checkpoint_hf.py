@@ -225,7 +225,7 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(hf, "save_file", boom)
+  monkeypatch.setattr(hf, "_write_safetensors", boom)
   with pytest.raises(OSError, match="disk full"):
     save_hf_checkpoint(out, c, p, dtype="bfloat16")
   assert os.listdir(tmp_path) == ["ckpt"]
@@ -335,7 +335,8 @@ def test_missing_weights_file(tmp_path):
 
 
 def test_missing_directory(tmp_path):
-  assert "no checkpoint directory" in _error_message(FileNotFoundError, tmp_path / "nope")
+  msg = _error_message(ValueError, tmp_path / "nope")
+  assert msg == f"no such checkpoint directory: {tmp_path / 'nope'}"
 
 
 def test_index_with_missing_shard(tmp_path):

@@ -6,26 +6,35 @@ experts) on leading axes and store matrices `[in, out]`. `hf_tensor_table` is th
 both directions use: one `HFTensor` per official name, saying which slice of which leaf it is
 and whether it is transposed.
 
-Tensors are read and written with `safetensors` under the numpy framework; safetensors 0.8.0
-maps BF16 to `ml_dtypes.bfloat16` numpy arrays in both directions, so fp32, bf16 and fp16
-checkpoints go through the same code.
+Tensors are read with `safetensors` under the numpy framework (safetensors 0.8.0 maps BF16 to
+`ml_dtypes.bfloat16` numpy arrays, so fp32, bf16 and fp16 checkpoints go through the same code)
+and written by a streaming writer that lays files out exactly as `safetensors.numpy.save_file`
+does, one tensor in host memory at a time.
+
+With a mesh, `load_hf_checkpoint` creates every param directly in its `NamedSharding` (from the
+logical-axis rules), each process reading only the slices its own devices hold
+(`llada_jax.checkpoint.sharded`); `save_hf_checkpoint` takes sharded params, gathers them one
+tensor at a time and writes from process 0 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import struct
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from llada_jax.checkpoint import sharded
+from llada_jax.checkpoint.hub import resolve_checkpoint
 from llada_jax.config import ModelConfig
 from llada_jax.model.params import Params, leaf_dtype, param_shapes, param_specs
 
@@ -205,22 +214,32 @@ def _empty_params(c: ModelConfig) -> dict:
   return jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), param_shapes(c))
 
 
-def load_hf_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, Params]:
-  """Loads an HF LLaDA2 checkpoint directory into `(config, params)`.
+def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, mesh=None,
+                       rules=None) -> tuple[ModelConfig, Params]:
+  """Loads an HF LLaDA2 checkpoint directory (or hub id) into `(config, params)`.
 
   `path` holds `config.json` and either `model.safetensors` or `model.safetensors.index.json`
-  plus its shards. `dtype=None` keeps the checkpoint's `torch_dtype` as `param_dtype`;
-  `dtype="bfloat16"`/`"float32"` overrides both `param_dtype` and the compute `dtype`. Router
-  leaves stay float32. Every tensor is checked (names, shapes) before any weight is read; all
-  problems are reported in one `ValueError`. Weights are streamed tensor by tensor into
-  preallocated stacked arrays (one host copy of the model plus one tensor at a time).
+  plus its shards; it may also be a Hugging Face hub id such as `inclusionAI/LLaDA2.1-mini`
+  (`resolve_checkpoint`: downloaded once, then read from the local cache). `dtype=None` keeps
+  the checkpoint's `torch_dtype` as `param_dtype`; `dtype="bfloat16"`/`"float32"` overrides both
+  `param_dtype` and the compute `dtype`. Router leaves stay float32. Every tensor is checked
+  (names, shapes) before any weight is read; all problems are reported in one `ValueError`.
+
+  Without `mesh`, weights are streamed tensor by tensor into preallocated stacked arrays (one
+  host copy of the model plus one tensor at a time) and put on the default device. With `mesh`
+  (a `jax.sharding.Mesh`, e.g. `llada_jax.parallel.make_mesh("data=2,expert=4")`), every leaf
+  is created directly in its `NamedSharding` from the logical-axis `rules` (anything
+  `llada_jax.parallel.rules.normalize_rules` takes; default `DEFAULT_RULES`): each addressable
+  device's block is read from the files, only the slices of the HF tensors it holds, and put on
+  that device before the next block is read (on multi-host: only this process's devices).
+  Values equal the unsharded load exactly. `rules` is only used with a `mesh`.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint directory at {path}")
+  path = os.path.abspath(resolve_checkpoint(path))
   config = _with_dtype(ModelConfig.from_json_file(os.path.join(path, CONFIG_NAME)), dtype)
   files = _weight_files(path)
   _check_tensors(path, config, files)
+  if mesh is not None:
+    return config, _load_sharded(config, files, mesh, rules)
   host = _empty_params(config)
   by_file: dict[str, list[HFTensor]] = {}
   for t in hf_tensor_table(config):
@@ -232,6 +251,32 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig
         _get(host, t.path)[t.index] = x.T if t.transpose else x  # casts to the leaf dtype
         del x
   return config, _to_device(host)
+
+
+def leaf_plans(c: ModelConfig) -> dict[tuple[str, ...], sharded.LeafPlan]:
+  """Params path -> `LeafPlan` (shape, storage dtype, the HF tensors stacked into it)."""
+  plans: dict[tuple[str, ...], sharded.LeafPlan] = {}
+  shapes = param_shapes(c)
+  for t in hf_tensor_table(c):
+    if t.path not in plans:
+      s = _get(shapes, t.path)
+      plans[t.path] = sharded.LeafPlan(t.path, tuple(s.shape), np.dtype(s.dtype), len(t.index), {})
+    plans[t.path].tensors[t.index] = t
+  return plans
+
+
+def _load_sharded(c: ModelConfig, files: dict[str, str], mesh, rules) -> Params:
+  """Every leaf read straight into its `NamedSharding` on `mesh` (see `load_hf_checkpoint`)."""
+  from llada_jax.parallel.rules import param_shardings  # noqa: PLC0415 (import cycle)
+  shardings = param_shardings(c, mesh, rules)
+  out: dict = {}
+  with sharded.TensorReader(files) as reader:
+    for path, leaf in leaf_plans(c).items():
+      node = out
+      for k in path[:-1]:
+        node = node.setdefault(k, {})
+      node[path[-1]] = sharded.load_leaf(reader, leaf, _get(shardings, path))
+  return out
 
 
 def _to_device(host: dict) -> Params:
@@ -283,28 +328,84 @@ def _plan_shards(c: ModelConfig, table: list[HFTensor],
   return shards
 
 
-def _hf_array(c: ModelConfig, params: Params, t: HFTensor) -> np.ndarray:
-  """The HF tensor `t` as a contiguous host array in its storage dtype under `c`."""
-  x = np.asarray(_get(params, t.path)[t.index] if t.index else _get(params, t.path))
-  x = x.astype(leaf_dtype(c, t.path), copy=False)
-  return np.ascontiguousarray(x.T if t.transpose else x)
+# safetensors dtype names, in the order `save_file` lays tensors out (wider first, then by name).
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_ST_ORDER = tuple(_ST_DTYPES.values())
 
 
-def _write_weights(directory: str, c: ModelConfig, params: Params,
+def _st_dtype(c: ModelConfig, t: HFTensor) -> str:
+  name = leaf_dtype(c, t.path).name
+  if name not in _ST_DTYPES:
+    raise ValueError(f"cannot save {t.name} as {name}; use 'float32', 'bfloat16' or 'float16'")
+  return _ST_DTYPES[name]
+
+
+def _file_layout(c: ModelConfig, tensors: list[HFTensor]) -> tuple[bytes, list[HFTensor]]:
+  """The header of a safetensors file holding `tensors` (8-byte little-endian length, then the
+  JSON, space-padded to a multiple of 8) and the tensors in file order: the layout
+  `safetensors.numpy.save_file` writes, so the files are byte-identical to it."""
+  order = sorted(tensors, key=lambda t: (_ST_ORDER.index(_st_dtype(c, t)), t.name))
+  header: dict[str, Any] = {"__metadata__": _METADATA}
+  offset = 0
+  for t in order:
+    n = _tensor_bytes(c, t)
+    header[t.name] = {"dtype": _st_dtype(c, t), "shape": list(t.shape),
+                      "data_offsets": [offset, offset + n]}
+    offset += n
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  return struct.pack("<Q", len(text)) + text, order
+
+
+def _tensor_source(c: ModelConfig, params: Params) -> Callable[[HFTensor], np.ndarray]:
+  """`t -> ` the HF tensor `t` as a contiguous host array `[*t.shape]` in its storage dtype under
+  `c`, gathered alone (`sharded.host_slicer`; a collective for sharded multi-host params)."""
+  slicers: dict[tuple[str, ...], Callable] = {}
+
+  def get(t: HFTensor) -> np.ndarray:
+    if t.path not in slicers:
+      slicers[t.path] = sharded.host_slicer(_get(params, t.path), len(t.index))
+    x = slicers[t.path](t.index).astype(leaf_dtype(c, t.path), copy=False)
+    return np.ascontiguousarray(x.T if t.transpose else x)
+  return get
+
+
+def _write_safetensors(file: str | None, c: ModelConfig, tensors: list[HFTensor],
+                       source: Callable[[HFTensor], np.ndarray]) -> None:
+  """Streams `tensors` into the safetensors `file`, one tensor in host memory at a time.
+
+  `file=None` (processes other than 0) fetches every tensor in the same order and writes
+  nothing, so that the gathers, collectives on multi-host, line up on all processes.
+  """
+  header, order = _file_layout(c, tensors)
+  with (open(file, "wb") if file is not None else contextlib.nullcontext()) as f:
+    if f is not None:
+      f.write(header)
+    for t in order:
+      x = source(t)
+      if f is not None:
+        f.write(memoryview(x.reshape(-1).view(np.uint8)))
+      del x
+
+
+def _write_weights(directory: str | None, c: ModelConfig, params: Params,
                    max_shard_bytes: int | None) -> None:
+  """The weight files (and shard index) of `params` in `directory`; `None`: gather only."""
   table = hf_tensor_table(c)
   shards = _plan_shards(c, table, max_shard_bytes)
+  source = _tensor_source(c, params)
+  join = (lambda name: os.path.join(directory, name)) if directory is not None else (
+      lambda name: None)
   if len(shards) == 1:
-    tensors = {t.name: _hf_array(c, params, t) for t in table}
-    save_file(tensors, os.path.join(directory, SAFE_WEIGHTS_NAME), metadata=_METADATA)
+    _write_safetensors(join(SAFE_WEIGHTS_NAME), c, table, source)
     return
   weight_map = {}
   for i, shard in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    tensors = {t.name: _hf_array(c, params, t) for t in shard}  # one shard in memory at a time
-    save_file(tensors, os.path.join(directory, fname), metadata=_METADATA)
-    del tensors
+    _write_safetensors(join(fname), c, shard, source)
     weight_map.update({t.name: fname for t in shard})
+  if directory is None:
+    return
   index = {"metadata": {"total_size": sum(_tensor_bytes(c, t) for t in table)},
            "weight_map": weight_map}
   with open(os.path.join(directory, SAFE_INDEX_NAME), "w") as f:
@@ -382,10 +483,20 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: Par
   also sets the saved `torch_dtype`); the router weight and expert bias stay float32. The
   checkpoint is built in a temporary sibling directory and renamed into place; files of an
   existing `path` that are not part of a checkpoint (e.g. tokenizer files) are kept.
+
+  `params` may be host arrays, device arrays or arrays sharded over a mesh (also across
+  processes): tensors are gathered one at a time and streamed to disk, so no process holds more
+  than one tensor on the host. Only process 0 writes; on multi-host every process must call this
+  with the same arguments (the gathers are collectives) and all return once the checkpoint is
+  in place.
   """
   path = os.path.abspath(os.fspath(path))
   config = _with_dtype(config, dtype)
   _check_params(config, params)
+  if jax.process_index() != 0:
+    _write_weights(None, config, params, max_shard_bytes)
+    _sync_processes(f"save_hf_checkpoint {path}")
+    return
   if os.path.exists(path) and not os.path.isdir(path):
     raise NotADirectoryError(f"cannot save a checkpoint to {path}: it is not a directory")
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -401,3 +512,11 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: Par
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  _sync_processes(f"save_hf_checkpoint {path}")
+
+
+def _sync_processes(name: str) -> None:
+  """A barrier across processes (nothing on a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
