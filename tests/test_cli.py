@@ -124,3 +124,14 @@ def test_logits_tool_reproduces_fixture(gold, tmp_path):
     np.testing.assert_allclose(np.load(out), gold.npz[f"fwd_{key}_logits"], atol=1e-4, rtol=0)
   assert logits_tool.main(["--checkpoint", gold.dir, "--input-ids", "1,x", "--out",
                            str(tmp_path / "x.npy")]) == 2
+
+
+def test_cli_timing_reports_load_and_run_without_compilation(tiny, capsys):
+  argv = _flags(tiny, tiny.runs()[0]) + ["--timing"]
+  assert main(argv) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["output_ids"] == expected_output(tiny, tiny.runs()[0])
+  assert out["load_seconds"] > 0 and out["run_seconds"] > 0
+  assert out["run_seconds"] < out["seconds"]  # the first decode also compiled
+  assert 0 < out["seconds_per_forward"] * out["nfe"] <= out["run_seconds"]
+  assert out["mesh"] is None  # one device: --mesh auto is no mesh

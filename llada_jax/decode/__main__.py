@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run rows one at a time (bitwise independent of the batch)")
   p.add_argument("--stream", action="store_true", help="print each block as it is committed")
   p.add_argument("--format", default="text", choices=["text", "json"])
+  p.add_argument("--timing", action="store_true",
+                 help="decode a second time and report the run time without compilation")
   return p
 
 
@@ -163,7 +165,9 @@ def run(argv=None) -> int:
   shown_prompts += [""] * (len(prompts) - len(shown_prompts))
 
   mesh = _resolve_mesh(mesh_spec, ckpt, len(prompts), max(map(len, prompts)), args)
+  t_load = time.perf_counter()
   config, params = llada_jax.load_hf_checkpoint(ckpt, dtype=args.dtype, mesh=mesh)
+  load_seconds = time.perf_counter() - t_load
   on_block = None
   if args.stream and args.format == "text":
     def on_block(rows, block, canvas, prompt_len):
@@ -172,13 +176,21 @@ def run(argv=None) -> int:
         ids = canvas[i, lo:(int(block[i]) + 1) * block_length].tolist()
         shown = tokenizer.decode(ids) if tokenizer else " ".join(map(str, ids))
         print(f"[row {i} block {int(block[i])}] {shown}", flush=True)
+  decode = lambda: llada_jax.generate(
+      params, config, prompts, mode=args.mode, attention_impl=args.attention_impl,
+      update_impl=args.update_impl, moe_impl=args.moe_impl, mesh=mesh,
+      batch_invariant=args.batch_invariant, on_block=on_block, **_settings_overrides(args))
   t0 = time.perf_counter()
-  result = llada_jax.generate(params, config, prompts, mode=args.mode,
-                              attention_impl=args.attention_impl, update_impl=args.update_impl,
-                              moe_impl=args.moe_impl, mesh=mesh,
-                              batch_invariant=args.batch_invariant, on_block=on_block,
-                              **_settings_overrides(args))
+  result = decode()
   seconds = time.perf_counter() - t0
+  timing = dict(load_seconds=round(load_seconds, 3), seconds=round(seconds, 3))
+  if args.timing:  # the same decode again: the compiled program's run time alone
+    t0 = time.perf_counter()
+    decode()
+    run_seconds = time.perf_counter() - t0
+    steps = max(result.nfe) + result.commits
+    timing.update(run_seconds=round(run_seconds, 3),
+                  seconds_per_forward=round(run_seconds / max(steps, 1), 4))
   rows = []
   for i, ids in enumerate(result.output_ids):
     row = dict(prompt_ids=prompts[i], output_ids=ids, nfe=result.nfe[i], tpf=result.tpf[i],
@@ -189,8 +201,8 @@ def run(argv=None) -> int:
   if args.format == "json":
     out = dict(rows[0]) if len(rows) == 1 else {"rows": rows}
     out.update(settings=dataclasses.asdict(result.settings), mode=args.mode,
-               checkpoint=os.path.abspath(ckpt), seconds=round(seconds, 3),
-               mesh=None if mesh is None else dict(mesh.shape))
+               checkpoint=os.path.abspath(ckpt), mesh=None if mesh is None else dict(mesh.shape),
+               **timing)
     print(json.dumps(out))
   else:
     for i, row in enumerate(rows):
@@ -201,6 +213,9 @@ def run(argv=None) -> int:
       print(f"{prefix}-- {len(row['output_ids'])} tokens, nfe {row['nfe']}, "
             f"tpf {row['tpf']:.2f}, fills {row['fills']}, edits {row['edits']}, "
             f"mode {args.mode}, {seconds:.1f}s (incl. compile)")
+    if args.timing:
+      print(f"-- load {load_seconds:.1f}s, decode {timing['run_seconds']:.2f}s without "
+            f"compilation, {1e3 * timing['seconds_per_forward']:.1f} ms per forward")
   return 0
 
 
