@@ -135,3 +135,21 @@ def test_cli_timing_reports_load_and_run_without_compilation(tiny, capsys):
   assert out["run_seconds"] < out["seconds"]  # the first decode also compiled
   assert 0 < out["seconds_per_forward"] * out["nfe"] <= out["run_seconds"]
   assert out["mesh"] is None  # one device: --mesh auto is no mesh
+
+
+def test_cli_loads_a_hub_id_from_the_local_cache(tiny, tmp_path):
+  """`--checkpoint owner/name` as vLLM/SGLang take it: resolved through the Hugging Face cache
+  (offline here), then decoded like the directory."""
+  from test_checkpoint_sharded import HUB_ID, _hub_cache
+  _hub_cache(tmp_path / "hub")
+  run = tiny.runs()[0]
+  argv = _flags(tiny, run)
+  argv[argv.index("--checkpoint") + 1] = HUB_ID
+  env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1",
+             JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "llada_jax.decode"] + argv, capture_output=True,
+                     text=True, timeout=300, env=env, cwd=ROOT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  assert out["output_ids"] == expected_output(tiny, run) and out["nfe"] == run["nfe"]
+  assert out["checkpoint"].startswith(str(tmp_path / "hub"))

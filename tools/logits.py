@@ -27,7 +27,7 @@ def parse_ids(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-  p.add_argument("--checkpoint", required=True, help="HF checkpoint directory")
+  p.add_argument("--checkpoint", required=True, help="HF checkpoint directory or hub id")
   p.add_argument("--input-ids", required=True, help="comma-separated token ids")
   p.add_argument("--block-length", type=int, default=None,
                  help="block-causal mask with this block length (default: bidirectional)")
@@ -52,8 +52,9 @@ def main(argv=None) -> int:
     from llada_jax import parallel
     parallel.parse_mesh_spec(None if args.mesh in (None, "auto") else args.mesh)
     parallel.fake_cpu_devices(args.mesh)
-    mesh = parallel.mesh_for_checkpoint(args.mesh, args.checkpoint, dtype=args.dtype)
-    config, params = llada_jax.load_hf_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh)
+    ckpt = llada_jax.checkpoint.resolve_checkpoint(args.checkpoint)
+    mesh = parallel.mesh_for_checkpoint(args.mesh, ckpt, dtype=args.dtype)
+    config, params = llada_jax.load_hf_checkpoint(ckpt, dtype=args.dtype, mesh=mesh)
     if max(ids) >= config.vocab_size or min(ids) < 0:
       raise ValueError(f"--input-ids has a token outside [0, {config.vocab_size})")
     logits = llada_jax.forward(params, config, np.asarray([ids], np.int32),

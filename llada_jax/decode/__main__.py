@@ -40,7 +40,8 @@ def _bool_flag(p, name, help_):
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -m llada_jax.decode", description="LLaDA2 block-diffusion decoding")
   p.add_argument("--checkpoint", default=None,
-                 help="HF checkpoint directory (default: the embedded model)")
+                 help="HF checkpoint directory or hub id such as inclusionAI/LLaDA2.1-mini "
+                 "(downloaded on first use; default: the embedded model)")
   p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
   p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
   _bool_flag(p, "chat", "apply the tokenizer's chat template to --prompt (default: when it has "
@@ -142,6 +143,9 @@ def run(argv=None) -> int:
   # Validate settings and the mesh spec before the (slow) checkpoint load.
   block_length = DecodeSettings.for_mode(args.mode, **_settings_overrides(args)).block_length
   mesh_spec = _mesh_spec(args.mesh)
+  if args.checkpoint is not None:  # a directory, or a hub id downloaded on first use
+    from llada_jax.checkpoint import resolve_checkpoint  # noqa: PLC0415
+    ckpt = resolve_checkpoint(args.checkpoint)
 
   tokenizer = None
   if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
