@@ -2,6 +2,7 @@
 (`tools/plan_memory.py`), on this CPU host."""
 
 import os
+import re
 import sys
 
 import jax
@@ -45,6 +46,88 @@ def test_export_tool_flash_64_devices(capsys, tmp_path):
   assert "decode (batch 8, prompt 64, gen 64, block 32): lowered for tpu x 64 devices" in out
   assert "ragged_all_to_all 2" in out
   assert {"decode.mlir", "forward.mlir"} <= set(os.listdir(tmp_path))
+
+
+TINY_4 = ["--config", "tiny", "--mesh", "fsdp=2,expert=2", "--devices", "4",
+          "--attention-impl", "pallas_tpu"]
+
+
+def _check_lines(out: str) -> dict:
+  """{program: (tpu_custom_call, all_to_all, ragged_all_to_all)} from the tool's check lines."""
+  pat = (r"  (\w+): Mosaic kernels \(tpu_custom_call\) (\d+); EP collectives: all_to_all (\d+), "
+         r"ragged_all_to_all (\d+)")
+  return {m[0]: tuple(map(int, m[1:])) for m in re.findall(pat, out)}
+
+
+def test_export_tool_counts_kernels_and_ep_collectives(capsys):
+  """The sharded Pallas attention and the ragged EP dispatch are in every tiny program."""
+  assert export_tpu.main(TINY_4 + ["--seq", "512", "--prompt", "64", "--gen", "64"]) == 0
+  counts = _check_lines(capsys.readouterr().out)
+  assert set(counts) == {"forward", "decode", "train"}
+  for w, (kernels, a2a, ragged) in counts.items():
+    assert kernels > 0 and ragged > 0, (w, counts)
+  assert counts["forward"][0] == 2  # one kernel per layer stack (dense, moe)
+  assert counts["train"][0] == 8  # forward, remat forward, dq and dkv per stack
+
+
+@pytest.fixture
+def fresh_traces():
+  """Monkeypatched registries change what a name lowers to: no cached trace may leak."""
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+def test_export_tool_fails_when_the_kernel_is_absent(monkeypatch, capsys, fresh_traces):
+  import llada_jax.kernels  # noqa: F401  (registers "pallas_tpu" before it is replaced)
+  from llada_jax.model import transformer
+  monkeypatch.setitem(transformer.ATTENTION_IMPLS, "pallas_tpu", transformer.xla_attention)
+  assert export_tpu.main(TINY_4 + ["--what", "forward", "--batch", "4", "--seq", "96"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["forward: missing: tpu_custom_call (requested by attention_impl pallas_tpu)"]
+
+
+def test_export_tool_fails_when_the_ep_path_is_absent(monkeypatch, capsys, fresh_traces):
+  """"ep_ragged" replaced by a local (no exchange) implementation: ragged_all_to_all missing."""
+  from llada_jax.model import moe
+  from llada_jax.parallel import expert_parallel  # noqa: F401  (registers "ep_ragged")
+
+  def local(x, idx, w, gate, up, down):
+    y = jnp.einsum("nkd,nk->nd", moe.experts_ragged(x, idx, gate, up, down), w)
+    return y, {"tokens_per_expert": jnp.zeros((gate.shape[0],), jnp.int32),
+               "dropped": jnp.zeros((), jnp.int32)}
+  monkeypatch.setitem(moe.COMBINED_EXPERT_IMPLS, "ep_ragged", local)
+  assert export_tpu.main(TINY_4 + ["--what", "forward", "--batch", "4", "--seq", "80",
+                                   "--moe-impl", "ep_ragged"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["forward: missing: ragged_all_to_all (requested by moe_impl ep_ragged "
+                 "(ragged dispatch))"]
+
+
+def test_export_tool_requirements():
+  c = tiny_config()
+  mesh = parallel.make_abstract_mesh("fsdp=2,expert=2")
+  rules = parallel.normalize_rules()
+  assert export_tpu.requirements(c, mesh, rules, "pallas_tpu", "ep") == {
+      "tpu_custom_call": "attention_impl pallas_tpu", "all_to_all": "moe_impl ep (dense dispatch)"}
+  assert export_tpu.requirements(c, mesh, rules, "xla", "ragged") == {}
+  # experts not split over any axis: EP exchanges nothing, nothing is required
+  assert export_tpu.requirements(c, parallel.make_abstract_mesh("data=4"), rules, "xla",
+                                 "ep_ragged") == {}
+
+
+@pytest.mark.parametrize("config, mesh, devices", [
+    ("llada2_1_mini", "fsdp=2,expert=2,tensor=2", 8),
+    ("llada2_1_flash", "fsdp=4,expert=16,tensor=4", 256)])
+def test_export_tool_big_configs_with_pallas_attention(capsys, config, mesh, devices):
+  """Full-size forward and decode programs (~5 s each to lower) hold the Mosaic kernels and
+  the ragged EP exchange."""
+  assert export_tpu.main(["--config", config, "--mesh", mesh, "--what", "forward,decode",
+                          "--attention-impl", "pallas_tpu"]) == 0
+  out = capsys.readouterr().out
+  assert f"({devices} devices), moe_impl ep_ragged" in out
+  counts = _check_lines(out)
+  assert counts["forward"] == (2, 1, 2) and counts["decode"][0] > 0 and counts["decode"][2] > 0
 
 
 def test_export_tool_errors(capsys):

@@ -6,8 +6,14 @@
       [--moe-impl ep_ragged] [--out DIR]
 
 Prints the mesh, the per-device parameter bytes (by the sharding rules of `llada_jax.parallel`),
-and for each program the lowering time, the StableHLO size and the explicit collectives of the
-expert-parallel MoE (GSPMD's own collectives are only inserted when XLA compiles the module).
+and for each program the lowering time, the StableHLO size, the explicit collectives (GSPMD's own
+collectives are only inserted when XLA compiles the module) and a check line: the number of
+Mosaic kernels (`tpu_custom_call`) and of expert-parallel collectives (`all_to_all`,
+`ragged_all_to_all`) in the program. The tool exits 1, with one `missing:` line per program on
+stderr, when a requested kernel or EP path is absent: `--attention-impl pallas_tpu` (or `auto`,
+which on the TPU target means the Pallas kernel) needs a `tpu_custom_call`; an expert-parallel
+`--moe-impl` (`ep`: `all_to_all`, `ep_ragged`: `ragged_all_to_all`) needs its collective
+whenever the experts are split over a mesh axis of size > 1.
 `--out` writes each program's StableHLO text (`.mlir`) and, when the `flatbuffers` package is
 installed, the serialized `Exported` (`.bin`, read back by `jax.export.deserialize`).
 
@@ -86,14 +92,51 @@ def _sds(shape, dtype, mesh, spec=None, kind=None, rules=None):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec or P()))
 
 
+COLLECTIVES = ("ragged_all_to_all", "all_to_all", "all_gather", "reduce_scatter", "all_reduce",
+               "collective_permute")
+
+
+def op_counts(text: str) -> dict[str, int]:
+  """Occurrences in StableHLO text of each collective of `COLLECTIVES` and of Mosaic kernels
+  (`tpu_custom_call`): ops and custom calls as written, not executions (an op inside a
+  while-loop or scan body counts once)."""
+  pats = {n: rf"stablehlo\.{n}\b" for n in COLLECTIVES}
+  pats["ragged_all_to_all"] = r"@ragged_all_to_all\("
+  pats["tpu_custom_call"] = r"@tpu_custom_call\("
+  return {n: len(re.findall(p, text)) for n, p in pats.items()}
+
+
 def _collectives(text: str) -> str:
-  names = ("ragged_all_to_all", "all_to_all", "all_gather", "reduce_scatter", "all_reduce",
-           "collective_permute")
-  counts = {}
-  for n in names:
-    pat = r"@ragged_all_to_all\(" if n == "ragged_all_to_all" else rf"stablehlo\.{n}\b"
-    counts[n] = len(re.findall(pat, text))
-  return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
+  counts = op_counts(text)
+  return ", ".join(f"{k} {counts[k]}" for k in COLLECTIVES if counts[k]) or "none"
+
+
+def requirements(c: ModelConfig, mesh, rules, attention_impl: str, moe_impl) -> dict[str, str]:
+  """What every lowered program must contain: op name (a key of `op_counts`) -> why.
+
+  A Mosaic kernel when the attention is the Pallas TPU kernel; the EP path's collective when
+  `moe_impl` is expert-parallel (an `EPConfig` registered by `register_ep`) and the experts
+  are split over mesh axes of size > 1 (otherwise EP exchanges nothing)."""
+  from llada_jax.parallel import expert_parallel as ep_lib  # noqa: PLC0415
+  need = {}
+  if attention_impl == "pallas_tpu":
+    need["tpu_custom_call"] = f"attention_impl {attention_impl}"
+  cfg = {name: cfg for cfg, name in ep_lib._REGISTERED.items()}.get(moe_impl)
+  specs = parallel.param_partition_specs(c, mesh, rules)
+  expert_spec = specs.get("moe", {}).get("experts", {}).get("gate")
+  split = expert_spec is not None and len(expert_spec) > 1 and expert_spec[1] is not None
+  if cfg is not None and split:
+    op = "ragged_all_to_all" if cfg.dispatch == "ragged" else "all_to_all"
+    need[op] = f"moe_impl {moe_impl} ({cfg.dispatch} dispatch)"
+  return need
+
+
+def check_line(counts: dict[str, int], need: dict[str, str]) -> tuple[str, str | None]:
+  """(the report line, a `missing:` line or None) for one program's `op_counts`."""
+  line = (f"Mosaic kernels (tpu_custom_call) {counts['tpu_custom_call']}; EP collectives: "
+          f"all_to_all {counts['all_to_all']}, ragged_all_to_all {counts['ragged_all_to_all']}")
+  absent = [f"{op} (requested by {why})" for op, why in need.items() if not counts[op]]
+  return line, ("missing: " + "; ".join(absent)) if absent else None
 
 
 def export(fn, args, kwargs, mesh):
@@ -153,7 +196,7 @@ def lower_train(c, mesh, rules, a):
   batch = dict(tokens=tok(jnp.int32), segment_ids=tok(jnp.int32), positions=tok(jnp.int32),
                loss_mask=tok(jnp.int32))
   oc = ObjectiveConfig(block_length=a.block_length, attention_impl=a.attention_impl,
-                       remat=True)
+                       moe_impl=a.moe_impl, remat=True)
   key = _sds((2,), jnp.uint32, mesh)
   return export(trainer.bdlm_step, (state, batch, key),
                 dict(c=c, oc=oc, optimizer=optimizer), mesh)
@@ -193,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--moe-impl", default=None,
                  help="ep_ragged (ragged_all_to_all, the TPU path; the default), ep (dense "
                       "all_to_all), ragged (no expert parallelism)")
-  p.add_argument("--attention-impl", default="xla")
+  p.add_argument("--attention-impl", default="xla",
+                 help="xla, pallas_tpu (the Mosaic kernel, sharded with shard_map), or auto "
+                      "(= pallas_tpu: the TPU target's choice)")
   p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                  help="override the config's dtype")
   p.add_argument("--rule", action="append", default=[],
@@ -214,7 +259,11 @@ def main(argv=None) -> int:
     if bad:
       raise ValueError(f"--what: unknown program {bad[0]!r} (choose from {', '.join(PROGRAMS)})")
     from llada_jax.parallel.sharded import resolve_moe_impl  # noqa: PLC0415
-    a.moe_impl = resolve_moe_impl(a.moe_impl, rules)
+    a.moe_impl = resolve_moe_impl(a.moe_impl, rules=rules)
+    if a.attention_impl == "auto":  # "auto" on a TPU backend
+      a.attention_impl = "pallas_tpu"
+    from llada_jax.model.transformer import get_attention  # noqa: PLC0415
+    get_attention(a.attention_impl)  # raises on an unknown name
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -225,6 +274,7 @@ def main(argv=None) -> int:
         f"moe_impl {a.moe_impl}")
   for line in param_report(c, mesh, rules):
     print(line)
+  need = requirements(c, mesh, rules, a.attention_impl, a.moe_impl)
   if a.out:
     os.makedirs(a.out, exist_ok=True)
   status = 0
@@ -243,6 +293,11 @@ def main(argv=None) -> int:
     print(f"{w} ({shape}): lowered for {exp.platforms[0]} x {exp.nr_devices} devices in "
           f"{secs:.1f} s; StableHLO {len(text) / 1e6:.2f} MB; MoE collectives: "
           f"{_collectives(text)}")
+    line, missing = check_line(op_counts(text), need)
+    print(f"  {w}: {line}")
+    if missing:
+      print(f"{w}: {missing}", file=sys.stderr)
+      status |= 1
     if a.out:
       with open(os.path.join(a.out, f"{w}.mlir"), "w") as f:
         f.write(text)

@@ -7,6 +7,11 @@
                                the same kernels always lowered with Mosaic (never interpreted):
                                for `jax.export(..., platforms=("tpu",))` from a CPU/GPU host.
 
+`attention_impl="auto"` (the model's registry, `model.transformer.resolve_attention`) stands for
+"pallas_tpu" on a TPU backend and "xla" elsewhere; "pallas" away from TPU warns once that it
+runs the interpreter. Under a multi-device mesh the attention kernel runs inside `shard_map`
+(`shard_attention`: batch over data/fsdp/expert, heads over tensor).
+
 The kernel modules import nothing from `llada_jax.model`; only the registration below does.
 """
 
@@ -16,6 +21,7 @@ from llada_jax.kernels.block_attention import (BlockSizes, block_diffusion_atten
                                                pallas_attention, pallas_tpu_attention, tile_kinds,
                                                visible_ids)
 from llada_jax.kernels.fused_update import fused_update_counts, pallas_tpu_update, pallas_update
+from llada_jax.kernels.sharded_attention import AttentionSharding, plan_sharding, shard_attention
 from llada_jax.model.transformer import register_attention
 
 register_attention("pallas", pallas_attention)
@@ -24,7 +30,8 @@ register_update("pallas", pallas_update)
 register_update("pallas_tpu", pallas_tpu_update)
 
 __all__ = [
-    "BlockSizes", "block_diffusion_attention", "classify_tiles", "default_interpret",
-    "fused_update_counts", "make_plan", "pallas_attention", "pallas_tpu_attention",
-    "pallas_tpu_update", "pallas_update", "tile_kinds", "visible_ids",
+    "AttentionSharding", "BlockSizes", "block_diffusion_attention", "classify_tiles",
+    "default_interpret", "fused_update_counts", "make_plan", "pallas_attention",
+    "pallas_tpu_attention", "pallas_tpu_update", "pallas_update", "plan_sharding",
+    "shard_attention", "tile_kinds", "visible_ids",
 ]

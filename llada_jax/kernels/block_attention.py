@@ -33,6 +33,10 @@ Kernel layouts (after the wrapper pads and transposes):
   k ids          [B, 16, Tk] int32: sublanes 0-7 = 2 * block + noisy, 8-15 = segment
 Only tile-aligned slices of the id blocks are taken in-kernel (lane / sublane offset 0).
 
+Meshes: with a multi-device mesh in context (`jax.set_mesh`, or an abstract mesh for export)
+the kernel runs inside `jax.shard_map`, batch split over the batch axes and heads over `tensor`
+(`sharded_attention.shard_attention`): Mosaic calls cannot be partitioned by GSPMD.
+
 Limits: the step tables live in SMEM (1 MiB on TPU): 4 * B * nq * nk bytes per kernel, e.g.
 256 KiB per batch row for the 2L layout of a 32k context with the default tiles (a warning is
 issued above 512 KiB). Ids must satisfy |block| < 2^30.
@@ -51,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llada_jax import masks
+from llada_jax.kernels.sharded_attention import shard_attention
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -493,21 +498,31 @@ def _check_tiles(bs: BlockSizes, batch: int, tq: int, tk: int, dtype, interpret)
 
 def block_diffusion_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: masks.Layout,
                               k_layout: masks.Layout, *, block_sizes: BlockSizes | None = None,
-                              interpret=None) -> jax.Array:
+                              interpret=None, mesh=None) -> jax.Array:
   """Grouped-query block-diffusion attention with the mask `masks.visible(q_layout, k_layout)`.
 
   Args:
     q: `[B, Tq, H, d]`; k, v: `[B, Tk, KV, d]`, H a multiple of KV (head h uses KV head
       h // (H // KV)). q_layout: Layout `[B, Tq]`; k_layout: Layout `[B, Tk]`.
-    block_sizes: tile sizes; default `BlockSizes.default(Tq, Tk, q.dtype, H // KV)`.
+    block_sizes: tile sizes; default `BlockSizes.default` of each device's piece.
     interpret: None = automatic (interpret mode unless the backend is TPU), a bool, or a
       `pltpu.InterpretParams` (simulated TPU: DMA, semaphores, race detection).
+    mesh: None = the context mesh (`jax.set_mesh`): with more than one device the kernel runs
+      inside `jax.shard_map`, batch and heads split (`sharded_attention.shard_attention`).
   Returns: `[B, Tq, H, d]` in q.dtype; differentiable in q, k, v (Pallas backward kernels).
   """
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+  local = functools.partial(_local_attention, block_sizes=block_sizes, interpret=interpret)
+  return shard_attention(local, q, k, v, q_layout, k_layout, mesh=mesh)
+
+
+def _local_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout, *,
+                     block_sizes: BlockSizes | None, interpret) -> jax.Array:
+  """`block_diffusion_attention` on one device (no mesh): q `[B, Tq, H, d]`, k/v
+  `[B, Tk, KV, d]`, layouts `[B, T]` -> `[B, Tq, H, d]`."""
   batch, tq, h, d = q.shape
   tk, kvh = k.shape[1], k.shape[2]
-  if h % kvh:
-    raise ValueError(f"{h} query heads are not a multiple of {kvh} KV heads")
   g = h // kvh
   bs = block_sizes or BlockSizes.default(tq, tk, q.dtype, g)
   interpret = default_interpret() if interpret is None else interpret
@@ -530,8 +545,24 @@ def block_diffusion_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout
   return o5.transpose(0, 3, 1, 2, 4).reshape(batch, tq_pad, h, d)[:, :tq]
 
 
+_warned_interpret = False
+
+
+def _warn_interpret_once() -> None:
+  """One `warnings.warn` per process: "pallas" away from TPU runs the interpreter."""
+  global _warned_interpret
+  if not _warned_interpret:
+    _warned_interpret = True
+    warnings.warn(f'attention_impl="pallas" on the {jax.default_backend()} backend runs the '
+                  "Pallas kernel in interpret mode (slow, for testing); use \"auto\" or "
+                  '"xla" for speed', stacklevel=3)
+
+
 def pallas_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> jax.Array:
-  """The `attention_impl="pallas"` entry point (default tiles, automatic interpret mode)."""
+  """The `attention_impl="pallas"` entry point (default tiles; interpret mode, with a one-time
+  warning, unless the backend is TPU; sharded over the context mesh)."""
+  if default_interpret():
+    _warn_interpret_once()
   return block_diffusion_attention(q, k, v, q_layout, k_layout)
 
 
