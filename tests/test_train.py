@@ -186,3 +186,132 @@ def test_stage_configs_load_and_validate(name, tmp_path):
   cfg.workdir = str(tmp_path)
   trainer_lib.validate(cfg)
   assert trainer_lib.block_stages(cfg)[0][1] >= 1
+
+
+# ---- mixed precision, gradient accumulation, preemption, run identity ----------------------------
+def _leaves(tree):
+  return [(jax.tree_util.keystr(p), np.asarray(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_mixed_precision_keeps_float32_masters(tmp_path):
+  """bf16 compute with fp32 master params: at lr 1e-6 every trained leaf still moves (pure
+  bf16 rounds such updates away), and the checkpoint holds float32 params and moments."""
+  import llada_jax
+  cfg = _config(steps=3, ckpt_every=3, log_every=1, dtype="bfloat16", **{
+      "optim.lr": 1e-6, "optim.schedule": "constant", "optim.warmup_steps": 0})
+  t = Trainer(cfg, str(tmp_path / "mp"), progress=False)
+  t.run()
+  assert t.c.param_dtype == "float32" and t.c.dtype == "bfloat16"
+  init = _leaves(llada_jax.init_params(t.c, jax.random.PRNGKey(cfg.seed)))
+  final = _leaves(t.state["params"])
+  for (name, a), (_, b) in zip(init, final, strict=True):
+    assert b.dtype == np.float32, name
+    if "expert_bias" not in name:  # routing-only (no gradient), zero-initialised
+      assert not np.array_equal(a, b), f"{name} did not change"
+  state = _final_state(tmp_path / "mp", 3)
+  assert {x.dtype for _, x in _leaves(state["params"])} == {np.dtype(np.float32)}
+  mu = state["opt_state"][1][0]["mu"]
+  assert {x.dtype for _, x in _leaves(mu)} == {np.dtype(np.float32)}
+
+
+def test_pure_bf16_is_explicit_and_warned(tmp_path, capsys):
+  t = Trainer(_config(param_dtype="bfloat16", dtype="bfloat16"), str(tmp_path / "bf16"),
+              progress=False)
+  assert t.c.param_dtype == "bfloat16"
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "warning: param_dtype=bfloat16: pure-bf16 training" in err
+
+
+def _final_state(workdir, step):
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path)
+  tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
+  args = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                                is_leaf=lambda x: hasattr(x, "shape"))
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+  """4 micro-batches of 2 rows = one batch of 8 rows (same draws, global normalisers): every
+  metric and the updated params agree to 1e-5, with every term of the objective on (editing
+  stream, MTF drafts, complementary masks, CAP, embedding noise)."""
+  kw = {"data.task": "addition", "optim.schedule": "constant", "optim.warmup_steps": 0,
+        "objective.edit_rate": 0.2, "objective.mtf_rate": 0.2, "objective.complementary": True,
+        "objective.cap_weight": 0.1, "objective.mask_embed_noise": 0.1, "noise_steps": 10}
+  runs = {}
+  for accum in (1, 4):
+    t = Trainer(_config(steps=2, log_every=1, grad_accum_steps=accum, **kw),
+                str(tmp_path / f"accum{accum}"), progress=False)
+    t.run()
+    runs[accum] = (t, _metric_rows(tmp_path / f"accum{accum}"))
+  (one, rows1), (four, rows4) = runs[1], runs[4]
+  for r1, r4 in zip(rows1, rows4, strict=True):
+    for k, v in r1.items():
+      if k != "tokens_per_s":
+        assert abs(r4[k] - v) <= 1e-5 * max(abs(v), 1.0), (k, v, r4[k])
+  for (name, a), (_, b) in zip(_leaves(one.state["params"]), _leaves(four.state["params"])):
+    assert np.max(np.abs(a - b)) <= 1e-5, name
+
+
+def _metric_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(x) for x in f]
+
+
+def _cli(config, workdir, overrides, extra=()):
+  cmd = [sys.executable, "-m", "llada_jax.train", "--config",
+         os.path.join(ROOT, "configs", config), "--workdir", str(workdir), "--no_progress",
+         *extra] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes_and_config_is_checked(tmp_path):
+  """SIGTERM during step 2: the step finishes, step 3 is saved, exit 75; the rerun resumes at 3.
+  Resuming with another config exits 2 in one line; --force resumes anyway."""
+  d = tmp_path / "run"
+  kw = {"steps": 5, "log_every": 1, "ckpt_every": 100, "data.batch_size": 8}
+  out = _cli("tiny_ar.py", d, dict(kw, debug_term_at_step=2))
+  assert out.returncode == 75, out.stderr[-2000:]
+  assert "preempted: stopped after step 3" in out.stderr
+  assert sorted(os.listdir(d / "checkpoints")) == ["3"]
+  assert [r["step"] for r in _metric_rows(d)] == [1, 2, 3]
+  out = _cli("tiny_ar.py", d, kw)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert [r["step"] for r in _metric_rows(d)] == [1, 2, 3, 4, 5]
+  with open(d / "config.json") as f:
+    assert json.load(f)["train"]["optim"]["lr"] == 3e-3
+  out = _cli("tiny_ar.py", d, dict(kw, **{"optim.lr": 0.01}))
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+  assert "started with another config" in out.stderr and "optim.lr: 0.003 -> 0.01" in out.stderr
+  out = _cli("tiny_ar.py", d, dict(kw, **{"optim.lr": 0.01}), extra=("--force",))
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(d / "config.json") as f:
+    assert json.load(f)["train"]["optim"]["lr"] == 0.01
+
+
+def test_run_identity_rules(tmp_path):
+  import copy
+  from llada_jax.train import run_files
+  cfg = _config()
+  rec = lambda c: run_files.record(c, trainer_lib.model_config(c))
+  a = rec(cfg)
+  ops = _config(mesh="data=2", log_every=7, grad_accum_steps=2, **{"objective.moe_impl": "ep"})
+  assert run_files.differences(a, rec(ops)) == []
+  assert run_files.differences(a, rec(_config(seed=1))) == ["seed: 0 -> 1"]
+  assert set(run_files.differences(a, rec(_config(**{"model.overrides.hidden_size": 32})))) == {
+      "model_config.hidden_size: 64 -> 32", "model.overrides.hidden_size: '(unset)' -> 32"}
+  run_files.write_json(str(tmp_path / "config.json"), a)
+  check = lambda new, **kw: run_files.check(str(tmp_path), new, **{
+      "has_checkpoint": True, "force": False, **kw})
+  assert check(a) == "resume" and check(rec(ops)) == "resume"
+  with pytest.raises(run_files.RunMismatch, match="seed: 0 -> 1"):
+    check(rec(_config(seed=1)))
+  assert check(rec(_config(seed=1)), force=True) == "forced"
+  assert check(rec(_config(seed=1)), has_checkpoint=False) == "fresh"
+  warm = copy.deepcopy(a)
+  warm["train"]["init_from"] = "/some/hf_dir"
+  assert check(warm) == "warm_start"

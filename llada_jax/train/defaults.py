@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from llada_jax.parallel.rules import DEFAULT_RULES
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -13,8 +15,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.workdir = ""
   c.init_from = ""  # HF checkpoint directory to start from ("" = random init)
   c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=ml_collections.ConfigDict()))
+  # Master params and optimizer moments ("bfloat16": pure-bf16 training, half the memory, with a
+  # warning) and the compute dtype the step casts them to ("bfloat16" on TPU).
   c.param_dtype = "float32"
-  c.dtype = "float32"  # compute dtype ("bfloat16" on TPU)
+  c.dtype = "float32"
   c.tokenizer = "bytes"  # "bytes" or a directory holding tokenizer.json
   c.data = ml_collections.ConfigDict(dict(
       source="",  # text file, directory of text files, or JSONL
@@ -24,11 +28,17 @@ def base_config() -> ml_collections.ConfigDict:
       task="",  # a toy task (llada_jax.train.toy_tasks) instead of a corpus
       eos_padding="none",  # toy tasks: "block" trains EOS up to the end of the answer's block
       seq_len=64,
-      batch_size=8))
+      batch_size=8,  # the global batch (all processes, all micro-batches)
+      # Corpora: the global batch is read as `shards` fixed slices, shard k from the k-th
+      # 1/shards of the documents (0 = one per process). Runs with the same value read the same
+      # batches whatever their process count.
+      shards=0))
   c.objective = ml_collections.ConfigDict(dict(
       block_length=32, t_min=0.3, t_max=0.8, weighting="token_mean", complementary=False,
       edit_rate=0.0, mtf_rate=0.0, edit_weight=1.0, keep_weight=1.0, cap_weight=0.0,
       mask_embed_noise=0.0,
+      # moe_impl: "ragged" (lax.ragged_dot), "ep" / "ep_ragged" (expert parallel over the
+      # mesh's expert axis) or "auto" (expert parallel when the mesh has an expert axis).
       attention_impl="xla", remat=False, moe_impl="ragged"))
   c.noise_steps = 0  # mask_embed_noise applies to the first noise_steps steps only
   c.wsd = ml_collections.ConfigDict(dict(enabled=False, stages=((0, 1),)))
@@ -40,12 +50,18 @@ def base_config() -> ml_collections.ConfigDict:
       group_size=8, num_timesteps=2, eps_low=0.2, eps_high=0.28, updates_per_rollout=2,
       gen_length=16, mode="speedy", temperature=1.0, threshold=0.5, editing_threshold=0.5,
       max_post_steps=2, reward="char_overlap"))
+  c.grad_accum_steps = 1  # micro-batches per step (lax.scan inside the step; one update)
   c.log_every = 10
   c.ckpt_every = 50
   c.keep = 3
   c.export_hf = ""
   c.debug_kill_at_step = -1  # testing: SIGKILL the process at this step
-  c.mesh = ""  # e.g. "fsdp=-1,expert=8": shard params/batch over a device mesh ("" = one device)
+  c.debug_term_at_step = -1  # testing: SIGTERM the process at this step (preemption)
+  # Device mesh, e.g. "data=2,expert=4" or "fsdp=-1,expert=8": the train state and the batch are
+  # sharded over it by the logical-axis rules ("" = one device). `rules` overrides entries of
+  # `llada_jax.parallel.rules.DEFAULT_RULES` (logical name -> "axis,axis" or "").
+  c.mesh = ""
+  c.rules = ml_collections.ConfigDict({k: ",".join(v) for k, v in DEFAULT_RULES.items()})
   return c
 
 
@@ -72,10 +88,11 @@ def pod_config(size: str, stage: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.stage = stage
   c.model.preset = {"mini": "llada2_1_mini", "flash": "llada2_1_flash"}[size]
-  c.param_dtype = "bfloat16"
+  c.param_dtype = "float32"  # fp32 master weights and moments, bf16 compute
   c.dtype = "bfloat16"
   c.objective.remat = True
   c.objective.attention_impl = "pallas"
+  c.objective.moe_impl = "auto"  # expert parallel (ragged_all_to_all on TPU) over `expert`
   c.data.seq_len = 4096
   c.data.batch_size = 256 if size == "mini" else 512
   c.optim.lr = 1e-5

@@ -9,6 +9,39 @@ from llada_jax.config import ModelConfig
 from llada_jax.train.objectives import ObjectiveConfig, sample_mask, sequence_elbo
 
 
+def dpo_noise(key, chosen: dict, rejected: dict, oc: ObjectiveConfig) -> dict:
+  """The per-row draws (ratio t `[B]`, masked positions `[B, L]`) of the chosen and the rejected
+  batch; the policy and the frozen reference share them (one MC sample)."""
+  kw, kl = jax.random.split(key)
+  out = {}
+  for name, batch, k in (("chosen", chosen, kw), ("rejected", rejected, kl)):
+    trainable = batch["loss_mask"].astype(bool) & (batch["segment_ids"] >= 0)
+    t, masked = sample_mask(k, trainable, oc.t_min, oc.t_max)
+    out[name] = dict(t=t, masked=masked)
+  return out
+
+
+def dpo_sums(params, ref_params, c: ModelConfig, chosen: dict, rejected: dict, noise: dict,
+             num_pairs, oc: ObjectiveConfig, beta: float):
+  """(this batch's share of the loss over `num_pairs` pairs, metric sums)."""
+  terms = []
+  for batch, n in ((chosen, noise["chosen"]), (rejected, noise["rejected"])):
+    pol = sequence_elbo(params, c, batch, n["t"], n["masked"], oc.block_length, **oc.impl)
+    ref = jax.lax.stop_gradient(sequence_elbo(ref_params, c, batch, n["t"], n["masked"],
+                                              oc.block_length, **oc.impl))
+    terms.append(pol - ref)
+  margin = beta * (terms[0] - terms[1])
+  loss = -jax.nn.log_sigmoid(margin).sum()
+  wins = (margin > 0).astype(jnp.float32).sum()
+  sums = dict(loss=loss, margin=margin.sum(), reward_accuracy=wins,
+              chosen_delta=terms[0].sum(), rejected_delta=terms[1].sum())
+  return loss / num_pairs, sums
+
+
+def dpo_metrics(sums: dict, num_pairs) -> dict:
+  return {k: v / num_pairs for k, v in sums.items()}
+
+
 def dpo_loss(params, ref_params, c: ModelConfig, chosen: dict, rejected: dict, key,
              oc: ObjectiveConfig, beta: float):
   """-log sigmoid(beta [(B(w) - B_ref(w)) - (B(l) - B_ref(l))]) averaged over pairs.
@@ -16,17 +49,7 @@ def dpo_loss(params, ref_params, c: ModelConfig, chosen: dict, rejected: dict, k
   `chosen`/`rejected` are batches (see objectives) whose `loss_mask` marks the response. The
   policy and the frozen reference share each sample's ratio t and mask (one MC sample).
   """
-  kw, kl = jax.random.split(key)
-  terms = []
-  for batch, k in ((chosen, kw), (rejected, kl)):
-    trainable = batch["loss_mask"].astype(bool) & (batch["segment_ids"] >= 0)
-    t, masked = sample_mask(k, trainable, oc.t_min, oc.t_max)
-    pol = sequence_elbo(params, c, batch, t, masked, oc.block_length,
-                        attention_impl=oc.attention_impl)
-    ref = jax.lax.stop_gradient(sequence_elbo(ref_params, c, batch, t, masked,
-                                              oc.block_length, attention_impl=oc.attention_impl))
-    terms.append(pol - ref)
-  margin = beta * (terms[0] - terms[1])
-  loss = -jax.nn.log_sigmoid(margin).mean()
-  return loss, dict(loss=loss, margin=margin.mean(), reward_accuracy=(margin > 0).mean(),
-                    chosen_delta=terms[0].mean(), rejected_delta=terms[1].mean())
+  noise = dpo_noise(key, chosen, rejected, oc)
+  n = chosen["tokens"].shape[0]
+  loss, sums = dpo_sums(params, ref_params, c, chosen, rejected, noise, n, oc, beta)
+  return loss, dpo_metrics(sums, n)

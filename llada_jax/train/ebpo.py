@@ -27,6 +27,13 @@ class EBPOConfig:
   eps_low: float = 0.2
   eps_high: float = 0.28
   block_length: int = 32
+  attention_impl: str = "xla"
+  moe_impl: str = "ragged"
+  remat: bool = False
+
+  @property
+  def impl(self) -> dict:
+    return dict(attention_impl=self.attention_impl, moe_impl=self.moe_impl, remat=self.remat)
 
 
 def group_advantages(rewards: np.ndarray) -> np.ndarray:
@@ -45,23 +52,33 @@ def timestep_masks(key, trainable: jax.Array, n: int):
 
 
 def policy_block_logprobs(params, c: ModelConfig, batch: dict, masks_n: jax.Array,
-                          block_length: int) -> jax.Array:
-  """`[N, B, nb]` per-block log-likelihood terms, one forward per timestep."""
-  return jax.lax.map(lambda m: block_logprobs(params, c, batch, m, block_length), masks_n)
+                          block_length: int, **impl) -> jax.Array:
+  """`[N, B, nb]` per-block log-likelihood terms, one forward per timestep (`impl`:
+  attention_impl, moe_impl, remat)."""
+  return jax.lax.map(lambda m: block_logprobs(params, c, batch, m, block_length, **impl),
+                     masks_n)
 
 
-def ebpo_loss(params, c: ModelConfig, batch: dict, masks_n, old_logp, advantages,
+def ebpo_sums(params, c: ModelConfig, batch: dict, masks_n, old_logp, advantages, num_rows,
               cfg: EBPOConfig):
-  """Clipped EBPO objective (negated, to minimise) and metrics."""
-  new = policy_block_logprobs(params, c, batch, masks_n, cfg.block_length)
+  """(this batch's share of the clipped objective over `num_rows` rows, metric sums)."""
+  new = policy_block_logprobs(params, c, batch, masks_n, cfg.block_length, **cfg.impl)
   w = 1.0 / masks_n.shape[0]  # equal weights w_n
   log_ratio = (w * (new - old_logp)).sum(axis=(0, 2))
   ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
   obj = jnp.minimum(ratio * advantages, clipped * advantages)
-  loss = -obj.mean()
-  return loss, dict(loss=loss, ratio=ratio.mean(),
-                    clip_fraction=(jnp.abs(ratio - clipped) > 1e-6).mean())
+  sums = dict(loss=-obj.sum(), ratio=ratio.sum(),
+              clip_fraction=(jnp.abs(ratio - clipped) > 1e-6).astype(jnp.float32).sum())
+  return sums["loss"] / num_rows, sums
+
+
+def ebpo_loss(params, c: ModelConfig, batch: dict, masks_n, old_logp, advantages,
+              cfg: EBPOConfig):
+  """Clipped EBPO objective (negated, to minimise) and metrics."""
+  n = advantages.shape[0]
+  loss, sums = ebpo_sums(params, c, batch, masks_n, old_logp, advantages, n, cfg)
+  return loss, {k: v / n for k, v in sums.items()}
 
 
 def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

@@ -48,6 +48,11 @@ class ObjectiveConfig:
   remat: bool = False  # rematerialise each layer in the backward pass
   moe_impl: str = "ragged"  # "ep" / "ep_ragged": expert parallelism under a mesh
 
+  @property
+  def impl(self) -> dict:
+    """The model-implementation keywords (`noisy_logits`, `sequence_elbo`, `block_logprobs`)."""
+    return dict(attention_impl=self.attention_impl, moe_impl=self.moe_impl, remat=self.remat)
+
   def validate(self, seq_len: int | None = None) -> None:
     def bad(msg):
       raise ValueError(f"invalid objective config: {msg}")
@@ -107,6 +112,143 @@ def _random_tokens(key, shape, vocab, mask_id):
   return jnp.where(r >= mask_id, r + 1, r).astype(jnp.int32)  # never the mask id
 
 
+def _rows_first(x, copies):
+  """`[copies * B, ...]` (copies stacked) -> `[B, copies, ...]` (per-row first)."""
+  return jnp.moveaxis(x.reshape((copies, -1) + x.shape[1:]), 0, 1)
+
+
+def _rows_flat(x):
+  """`[B, copies, ...]` -> `[copies * B, ...]` (the inverse of `_rows_first`)."""
+  x = jnp.moveaxis(x, 1, 0)
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def bdlm_noise(key: jax.Array, batch: dict, c: ModelConfig, oc: ObjectiveConfig) -> dict:
+  """Every random draw of one BDLM step; no params involved (so a batch split into
+  micro-batches sees exactly the draws of the whole batch). Per-row arrays `[B, copies, ...]`
+  (copies = 2 with complementary masks, else 1):
+
+    t [B, c] mask ratio, trainable / masked / corrupted [B, c, L] (final: MTF-picked positions
+    count as corrupted), pick [B, c, L] positions that take the model's draft, xt [B, c, L]
+    noisy tokens before the drafts, embed_noise [B, c, L, D] (with mask_embed_noise).
+  """
+  x0 = batch["tokens"].astype(jnp.int32)
+  seg = batch["segment_ids"].astype(jnp.int32)
+  trainable = batch["loss_mask"].astype(bool) & (seg >= 0)
+  k_mask, k_edit, k_tok, k_mtf, k_noise = jax.random.split(key, 5)
+  t, masked = sample_mask(k_mask, trainable, oc.t_min, oc.t_max)
+  copies = 1
+  if oc.complementary:
+    copies = 2
+    x0, trainable = (jnp.concatenate([a, a]) for a in (x0, trainable))
+    masked = jnp.concatenate([masked, trainable[: t.shape[0]] & ~masked])
+    t = jnp.concatenate([t, 1.0 - t])
+  xt = jnp.where(masked, c.mask_token_id, x0)
+  corrupted = jnp.zeros_like(masked)
+  if oc.edit_rate > 0:
+    corrupted = trainable & ~masked & (jax.random.uniform(k_edit, x0.shape) < oc.edit_rate)
+    xt = jnp.where(corrupted, _random_tokens(k_tok, x0.shape, c.vocab_size, c.mask_token_id), xt)
+  pick = jnp.zeros_like(masked)
+  if oc.mtf_rate > 0:
+    k1, _ = jax.random.split(k_mtf)
+    pick = masked & (jax.random.uniform(k1, x0.shape) < oc.mtf_rate)
+    masked, corrupted = masked & ~pick, corrupted | pick
+  out = dict(t=t, trainable=trainable, masked=masked, corrupted=corrupted, pick=pick, xt=xt)
+  if oc.mask_embed_noise > 0:
+    out["embed_noise"] = jax.random.normal(k_noise, x0.shape + (c.hidden_size,)) * \
+        oc.mask_embed_noise
+  return {k: _rows_first(v, copies) for k, v in out.items()}
+
+
+def bdlm_denominators(noise: dict, oc: ObjectiveConfig) -> dict:
+  """The normalisers of the BDLM terms over the whole batch (they depend on the draws only)."""
+  f = lambda x: x.astype(jnp.float32).sum()
+  editing = oc.edit_rate > 0 or oc.mtf_rate > 0
+  kept = noise["trainable"] & ~noise["masked"] & ~noise["corrupted"]
+  return dict(masked=f(noise["masked"]), corrupted=f(noise["corrupted"]),
+              kept=f(kept) if editing else jnp.zeros(()), trainable=f(noise["trainable"]),
+              t_sum=noise["t"].sum(), rows=jnp.asarray(noise["t"].size, jnp.float32))
+
+
+def _bdlm_logits(params, c, batch, noise, oc):
+  """(logits [cB, L, V], x0, final xt, masked, corrupted, trainable, t) of a (micro-)batch."""
+  copies = noise["t"].shape[1]
+  rep = lambda k: jnp.concatenate([batch[k].astype(jnp.int32)] * copies)
+  x0, seg, pos = rep("tokens"), rep("segment_ids"), rep("positions")
+  n = {k: _rows_flat(v) for k, v in noise.items()}
+  xt = n["xt"]
+  impl = dict(attention_impl=oc.attention_impl, moe_impl=oc.moe_impl)
+  if oc.mtf_rate > 0:
+    draft_logits = jax.lax.stop_gradient(noisy_logits(
+        params, c, xt, x0, seg, pos, oc.block_length, **impl))
+    xt = jnp.where(n["pick"], jnp.argmax(draft_logits, axis=-1).astype(jnp.int32), xt)
+  delta = None
+  if "embed_noise" in n:
+    delta = jnp.where((xt == c.mask_token_id)[..., None], n["embed_noise"], 0.0)
+  logits = noisy_logits(params, c, xt, x0, seg, pos, oc.block_length, embed_delta=delta,
+                        remat=oc.remat, **impl)
+  return logits, x0, n
+
+
+def bdlm_cap_count(params, c: ModelConfig, batch: dict, noise: dict, oc: ObjectiveConfig):
+  """How many masked positions the model already predicts right (CAP's normaliser)."""
+  logits, x0, n = _bdlm_logits(params, c, batch, noise, oc)
+  return ((jnp.argmax(logits, -1) == x0) & n["masked"]).astype(jnp.float32).sum()
+
+
+def bdlm_sums(params, c: ModelConfig, batch: dict, noise: dict, denoms: dict,
+              oc: ObjectiveConfig):
+  """(this batch's share of the loss, its metric sums), normalised by the whole batch's
+  `denoms` (`bdlm_denominators`, plus `cap` from `bdlm_cap_count` when the batch is one of
+  several micro-batches): the shares of the micro-batches add up to the whole batch's loss."""
+  logits, x0, n = _bdlm_logits(params, c, batch, noise, oc)
+  nll, logp = token_nll(logits, x0)
+  mf, cf = n["masked"].astype(jnp.float32), n["corrupted"].astype(jnp.float32)
+  if oc.weighting == "token_mean":
+    m2t = (nll * mf).sum()
+  else:  # paper ELBO: sum over masked tokens of 1/t * nll, per trainable token
+    m2t = ((nll * mf).sum(-1) / n["t"]).sum()
+  t2t = (nll * cf).sum()
+  keep = jnp.zeros(())
+  editing = oc.edit_rate > 0 or oc.mtf_rate > 0
+  if editing and oc.keep_weight > 0:
+    kf = (n["trainable"] & ~n["masked"] & ~n["corrupted"]).astype(jnp.float32)
+    keep = (nll * kf).sum()
+  argmax = jnp.argmax(logits, -1)
+  correct = (argmax == x0) & n["masked"]
+  cap = jnp.zeros(())
+  if oc.cap_weight > 0:
+    entropy = -(jnp.exp(logp) * logp).sum(-1)
+    cap = (entropy * correct.astype(jnp.float32)).sum()
+  sums = dict(m2t=m2t, t2t=t2t, keep=keep, cap=cap, correct=correct.astype(jnp.float32).sum(),
+              edit_correct=((argmax == x0) & n["corrupted"]).astype(jnp.float32).sum())
+  norm = _bdlm_norms(denoms, sums, oc)
+  editing_terms = t2t / norm["t2t"] + oc.keep_weight * keep / norm["keep"]
+  loss = m2t / norm["m2t"] + oc.edit_weight * editing_terms + oc.cap_weight * cap / norm["cap"]
+  return loss, sums
+
+
+def _bdlm_norms(denoms: dict, sums: dict, oc: ObjectiveConfig) -> dict:
+  one = lambda x: jnp.maximum(x, 1.0)
+  m2t = denoms["masked"] if oc.weighting == "token_mean" else denoms["trainable"]
+  cap = denoms["cap"] if "cap" in denoms else sums["correct"]
+  return dict(m2t=one(m2t), t2t=one(denoms["corrupted"]), keep=one(denoms["kept"]),
+              cap=one(cap))
+
+
+def bdlm_metrics(sums: dict, denoms: dict, oc: ObjectiveConfig) -> dict:
+  """The logged metrics from the (summed) `bdlm_sums` of a whole batch."""
+  norm = _bdlm_norms(denoms, sums, oc)
+  m2t, t2t = sums["m2t"] / norm["m2t"], sums["t2t"] / norm["t2t"]
+  keep, cap = sums["keep"] / norm["keep"], sums["cap"] / norm["cap"]
+  loss = m2t + oc.edit_weight * (t2t + oc.keep_weight * keep) + oc.cap_weight * cap
+  return dict(loss=loss, m2t_loss=m2t, t2t_loss=t2t, keep_loss=keep, cap_loss=cap,
+              accuracy=sums["correct"] / jnp.maximum(denoms["masked"], 1.0),
+              edit_accuracy=sums["edit_correct"] / jnp.maximum(denoms["corrupted"], 1.0),
+              mask_ratio=denoms["t_sum"] / denoms["rows"], masked_tokens=denoms["masked"],
+              corrupted_tokens=denoms["corrupted"])
+
+
 def bdlm_loss(params, c: ModelConfig, batch: dict, key: jax.Array, oc: ObjectiveConfig):
   """The LLaDA2.1 mixed objective: M2T (masked) + T2T (corrupted) + optional CAP.
 
@@ -116,84 +258,38 @@ def bdlm_loss(params, c: ModelConfig, batch: dict, key: jax.Array, oc: Objective
 
   Returns (loss, metrics) with metrics: loss, m2t_loss, t2t_loss, keep_loss, cap_loss, accuracy
   (argmax on masked positions), edit_accuracy (argmax on corrupted positions), mask_ratio
-  (mean t), masked_tokens, corrupted_tokens.
+  (mean t), masked_tokens, corrupted_tokens. The pieces (`bdlm_noise`, `bdlm_denominators`,
+  `bdlm_sums`, `bdlm_metrics`) let the trainer split a batch into micro-batches exactly.
   """
-  x0 = batch["tokens"].astype(jnp.int32)
-  seg = batch["segment_ids"].astype(jnp.int32)
-  pos = batch["positions"].astype(jnp.int32)
-  trainable = batch["loss_mask"].astype(bool) & (seg >= 0)
-  k_mask, k_edit, k_tok, k_mtf, k_noise = jax.random.split(key, 5)
-  t, masked = sample_mask(k_mask, trainable, oc.t_min, oc.t_max)
-  if oc.complementary:
-    x0, seg, pos, trainable = (jnp.concatenate([a, a]) for a in (x0, seg, pos, trainable))
-    masked = jnp.concatenate([masked, trainable[: t.shape[0]] & ~masked])
-    t = jnp.concatenate([t, 1.0 - t])
-  xt = jnp.where(masked, c.mask_token_id, x0)
-  corrupted = jnp.zeros_like(masked)
-  if oc.edit_rate > 0:
-    corrupted = trainable & ~masked & (jax.random.uniform(k_edit, x0.shape) < oc.edit_rate)
-    xt = jnp.where(corrupted, _random_tokens(k_tok, x0.shape, c.vocab_size, c.mask_token_id), xt)
-  if oc.mtf_rate > 0:
-    draft_logits = jax.lax.stop_gradient(noisy_logits(
-        params, c, xt, x0, seg, pos, oc.block_length, attention_impl=oc.attention_impl))
-    draft = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
-    k1, _ = jax.random.split(k_mtf)
-    pick = masked & (jax.random.uniform(k1, x0.shape) < oc.mtf_rate)
-    xt = jnp.where(pick, draft, xt)
-    masked, corrupted = masked & ~pick, corrupted | pick
-  delta = None
-  if oc.mask_embed_noise > 0:
-    noise = jax.random.normal(k_noise, x0.shape + (c.hidden_size,)) * oc.mask_embed_noise
-    delta = jnp.where((xt == c.mask_token_id)[..., None], noise, 0.0)
-  logits = noisy_logits(params, c, xt, x0, seg, pos, oc.block_length, embed_delta=delta,
-                        attention_impl=oc.attention_impl, remat=oc.remat, moe_impl=oc.moe_impl)
-  nll, logp = token_nll(logits, x0)
-  mf, cf = masked.astype(jnp.float32), corrupted.astype(jnp.float32)
-  n_masked = jnp.maximum(mf.sum(), 1.0)
-  if oc.weighting == "token_mean":
-    m2t = (nll * mf).sum() / n_masked
-  else:  # paper ELBO: sum over masked tokens of 1/t * nll, per trainable token
-    m2t = ((nll * mf).sum(-1) / t).sum() / jnp.maximum(trainable.sum(), 1)
-  t2t = (nll * cf).sum() / jnp.maximum(cf.sum(), 1.0)
-  keep = jnp.zeros(())
-  editing = oc.edit_rate > 0 or oc.mtf_rate > 0
-  if editing and oc.keep_weight > 0:
-    kf = (trainable & ~masked & ~corrupted).astype(jnp.float32)
-    keep = (nll * kf).sum() / jnp.maximum(kf.sum(), 1.0)
-  argmax = jnp.argmax(logits, -1)
-  correct = (argmax == x0) & masked
-  edit_ok = ((argmax == x0) & corrupted).sum() / jnp.maximum(cf.sum(), 1.0)
-  cap = jnp.zeros(())
-  if oc.cap_weight > 0:
-    entropy = -(jnp.exp(logp) * logp).sum(-1)
-    cf_ok = correct.astype(jnp.float32)
-    cap = (entropy * cf_ok).sum() / jnp.maximum(cf_ok.sum(), 1.0)
-  loss = m2t + oc.edit_weight * (t2t + oc.keep_weight * keep) + oc.cap_weight * cap
-  metrics = dict(loss=loss, m2t_loss=m2t, t2t_loss=t2t, keep_loss=keep, cap_loss=cap,
-                 accuracy=correct.sum() / n_masked, edit_accuracy=edit_ok, mask_ratio=t.mean(),
-                 masked_tokens=mf.sum(), corrupted_tokens=cf.sum())
-  return loss, metrics
+  noise = bdlm_noise(key, batch, c, oc)
+  denoms = bdlm_denominators(noise, oc)
+  loss, sums = bdlm_sums(params, c, batch, noise, denoms, oc)
+  return loss, bdlm_metrics(sums, denoms, oc)
 
 
 def sequence_elbo(params, c: ModelConfig, batch: dict, t: jax.Array, masked: jax.Array,
-                  block_length: int, *, attention_impl: str = "xla") -> jax.Array:
+                  block_length: int, *, attention_impl: str = "xla", moe_impl: str = "ragged",
+                  remat: bool = False) -> jax.Array:
   """Single-sample block-diffusion ELBO per sequence `[B]` (SPEC 5.1 eq. 7):
   sum over masked positions of (1/t) log p(x_0 | x_t, clean earlier blocks)."""
   x0 = batch["tokens"].astype(jnp.int32)
   xt = jnp.where(masked, c.mask_token_id, x0)
   logits = noisy_logits(params, c, xt, x0, batch["segment_ids"], batch["positions"],
-                        block_length, attention_impl=attention_impl)
+                        block_length, attention_impl=attention_impl, moe_impl=moe_impl,
+                        remat=remat)
   nll, _ = token_nll(logits, x0)
   return -(nll * masked).sum(-1) / t
 
 
 def block_logprobs(params, c: ModelConfig, batch: dict, masked: jax.Array, block_length: int,
-                   *, attention_impl: str = "xla") -> jax.Array:
+                   *, attention_impl: str = "xla", moe_impl: str = "ragged",
+                   remat: bool = False) -> jax.Array:
   """Per-block sums of log p(x_0) over masked positions `[B, L // block_length]` (EBPO)."""
   x0 = batch["tokens"].astype(jnp.int32)
   xt = jnp.where(masked, c.mask_token_id, x0)
   logits = noisy_logits(params, c, xt, x0, batch["segment_ids"], batch["positions"],
-                        block_length, attention_impl=attention_impl)
+                        block_length, attention_impl=attention_impl, moe_impl=moe_impl,
+                        remat=remat)
   nll, _ = token_nll(logits, x0)
   b, length = x0.shape
   per_tok = -(nll * masked)

@@ -3,33 +3,48 @@
 Train state is a pytree `{"params", "opt_state", "step"}`; the PRNG key of step s is
 `fold_in(PRNGKey(seed), s)`, and the data iterator state is checkpointed with the train state, so
 a run resumed from any checkpoint continues bit-identically.
+
+Scale-out (`llada_jax.train.sharding`): with `cfg.mesh` set the state is created directly in its
+shardings on that mesh, every step runs under it with one MoE / attention implementation, the
+batch is assembled from per-process pieces, checkpoints are saved and restored sharded, and only
+process 0 writes metrics, TensorBoard, `config.json`, `run_info.json` and HF exports.
+
+Mixed precision: `param_dtype` is the dtype of the master params and optimizer moments (float32
+by default) and `dtype` the compute dtype; the step casts the params to `dtype` inside.
+`param_dtype="bfloat16"` is pure-bf16 training (half the memory, updates below bf16 resolution
+are lost), with a warning.
+
+Preemption: SIGTERM finishes the current step, saves a checkpoint and ends the run with
+`preempted = True` (the CLI exits with status 75); rerunning resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import random
 import signal
+import sys
 import time
-from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 import llada_jax
 from llada_jax.config import ModelConfig, get_preset
-from llada_jax.train import dpo as dpo_lib
 from llada_jax.train import ebpo as ebpo_lib
-from llada_jax.train import toy_tasks, wsd
-from llada_jax.train.objectives import ObjectiveConfig, bdlm_loss
+from llada_jax.train import run_files, sharding, steps, toy_tasks, wsd
+from llada_jax.train.objectives import ObjectiveConfig
+from llada_jax.train.run_files import RunMismatch  # noqa: F401  (re-exported)
 
 STAGES = ("bdlm", "dpo", "ebpo")
+DTYPES = ("float32", "bfloat16")
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
 
 
 class ConfigError(ValueError):
@@ -38,9 +53,11 @@ class ConfigError(ValueError):
 
 # ---- configuration ------------------------------------------------------------------------------
 def model_config(cfg) -> ModelConfig:
+  """The model config with `param_dtype` (master params) and `dtype` (compute) of the run."""
   if cfg.init_from:
-    return ModelConfig.from_json_file(cfg.init_from).replace(
-        param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    return ModelConfig.from_json_file(os.path.join(cfg.init_from, "config.json")
+                                      if os.path.isdir(cfg.init_from) else cfg.init_from
+                                      ).replace(param_dtype=cfg.param_dtype, dtype=cfg.dtype)
   base = get_preset(cfg.model.preset)
   return base.replace(**dict(cfg.model.overrides), param_dtype=cfg.param_dtype, dtype=cfg.dtype)
 
@@ -65,16 +82,27 @@ def validate(cfg) -> None:
     raise ConfigError(f"stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
   if cfg.steps < 1:
     raise ConfigError("steps must be >= 1")
+  for name in ("param_dtype", "dtype"):
+    if cfg[name] not in DTYPES:
+      raise ConfigError(f"{name} {cfg[name]!r} (choose from {', '.join(DTYPES)})")
   seq_len = cfg.data.seq_len
   try:
     for _, block in block_stages(cfg):
       objective_config(cfg, block, 0).validate(seq_len)
     wsd.validate(block_stages(cfg), seq_len)
     model_config(cfg)
+    from llada_jax.parallel.mesh import parse_mesh_spec  # noqa: PLC0415
+    parse_mesh_spec(cfg.get("mesh") or None)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from None
   if cfg.optim.schedule not in ("cosine", "wsd", "constant"):
     raise ConfigError(f"optim.schedule {cfg.optim.schedule!r} (cosine, wsd or constant)")
+  accum = cfg.get("grad_accum_steps", 1)
+  if accum < 1 or cfg.data.batch_size % accum:
+    raise ConfigError(f"grad_accum_steps={accum} must be >= 1 and divide data.batch_size="
+                      f"{cfg.data.batch_size}")
+  if cfg.data.get("shards", 0) < 0:
+    raise ConfigError("data.shards must be >= 0 (0: one shard per process)")
   if cfg.stage == "bdlm" and not (cfg.data.source or cfg.data.task):
     raise ConfigError("data.source (a corpus) or data.task (a toy task) is required")
   if cfg.data.source and not os.path.exists(cfg.data.source):
@@ -114,48 +142,12 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
                      optax.adamw(learning_rate(cfg), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-# ---- steps ------------------------------------------------------------------------------------
-def _apply(optimizer, state, loss, grads, metrics):
-  """One optimizer update; a non-finite loss leaves the state untouched (and is reported)."""
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-  new = dict(params=keep(params, state["params"]), opt_state=keep(opt_state, state["opt_state"]),
-             step=state["step"] + 1)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), finite=ok)
-  return new, metrics
-
-
-@functools.partial(jax.jit, static_argnames=("c", "oc", "optimizer"), donate_argnums=(0,))
-def bdlm_step(state, batch, key, *, c, oc, optimizer):
-  grad_fn = jax.value_and_grad(bdlm_loss, has_aux=True)
-  (loss, metrics), grads = grad_fn(state["params"], c, batch, key, oc)
-  return _apply(optimizer, state, loss, grads, metrics)
-
-
-@functools.partial(jax.jit, static_argnames=("c", "oc", "optimizer", "beta"),
+# ---- steps (single-device entry points, kept for tools/export_tpu.py and scripts) ---------------
+@functools.partial(jax.jit, static_argnames=("c", "oc", "optimizer", "accum"),
                    donate_argnums=(0,))
-def dpo_step(state, ref_params, chosen, rejected, key, *, c, oc, optimizer, beta):
-  grad_fn = jax.value_and_grad(dpo_lib.dpo_loss, has_aux=True)
-  (loss, metrics), grads = grad_fn(state["params"], ref_params, c, chosen, rejected, key, oc,
-                                   beta)
-  return _apply(optimizer, state, loss, grads, metrics)
-
-
-@functools.partial(jax.jit, static_argnames=("c", "ecfg", "optimizer"), donate_argnums=(0,))
-def ebpo_step(state, batch, masks_n, old_logp, advantages, *, c, ecfg, optimizer):
-  grad_fn = jax.value_and_grad(ebpo_lib.ebpo_loss, has_aux=True)
-  (loss, metrics), grads = grad_fn(state["params"], c, batch, masks_n, old_logp, advantages,
-                                   ecfg)
-  return _apply(optimizer, state, loss, grads, metrics)
-
-
-@functools.partial(jax.jit, static_argnames=("c", "block_length", "n"))
-def ebpo_old_logprobs(params, batch, key, *, c, block_length, n):
-  trainable = batch["loss_mask"] & (batch["segment_ids"] >= 0)
-  _, masks_n = ebpo_lib.timestep_masks(key, trainable, n)
-  return masks_n, ebpo_lib.policy_block_logprobs(params, c, batch, masks_n, block_length)
+def bdlm_step(state, batch, key, *, c, oc, optimizer, accum=1):
+  """One BDLM step (`llada_jax.train.steps.bdlm_step`) jitted without explicit shardings."""
+  return steps.bdlm_step(steps.StepSpec(c, oc=oc, accum=accum), optimizer, state, batch, key)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -218,32 +210,74 @@ def make_tokenizer(cfg, c: ModelConfig):
                                    pad_id=c.pad_token_id)
 
 
-def make_source(cfg, tokenizer, block_length: int):
+class ShardedSource:
+  """This process's rows of the global batch from a grain corpus: one iterator per data shard
+  it reads (`sharding.DataLayout`), their batches concatenated; the state is per shard."""
+
+  def __init__(self, iterators: dict):
+    self.iterators = iterators  # shard index -> DataIterator
+
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self.iterators.values()]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    from llada_jax.train import data as data_lib  # noqa: PLC0415
+    return {str(k): data_lib.iterator_state(it) for k, it in self.iterators.items()}
+
+  def set_state(self, shards: dict) -> None:
+    from llada_jax.train import data as data_lib  # noqa: PLC0415
+    for k, it in self.iterators.items():
+      if str(k) not in shards:
+        raise ValueError(f"the checkpoint has no data state for shard {k} "
+                         f"(it holds shards {sorted(shards)})")
+      data_lib.restore_iterator(it, shards[str(k)])
+
+
+def make_source(cfg, tokenizer, block_length: int, layout: sharding.DataLayout | None = None):
+  """A `TaskSource` (toy task: every process draws the whole global batch) or a
+  `ShardedSource` over the corpus (this process's data shards of `layout`)."""
   d = cfg.data
   if d.task:
     return TaskSource(d.task, tokenizer, d.seq_len, d.batch_size, cfg.seed, block_length,
                       eos_padding=d.get("eos_padding", "none"))
   from llada_jax.train import data as data_lib
+  layout = layout or sharding.DataLayout(d.batch_size, 1, (0,))
   path = data_lib.build_dataset(d.source, d.dataset_dir or os.path.join(cfg.workdir, "dataset"),
-                                name=d.name)
-  return data_lib.make_iterator(path, split="train", tokenizer=tokenizer, seq_len=d.seq_len,
-                                batch_size=d.batch_size, seed=cfg.seed, kind=d.kind,
-                                block_length=block_length)
+                                name=d.name) if jax.process_index() == 0 else None
+  path = _shared_dataset_path(cfg, path)
+  return ShardedSource({k: data_lib.make_iterator(
+      path, split="train", tokenizer=tokenizer, seq_len=d.seq_len,
+      batch_size=layout.rows_per_shard, seed=cfg.seed, kind=d.kind, block_length=block_length,
+      shard_index=k, shard_count=layout.num_shards) for k in layout.local_shards})
+
+
+def _shared_dataset_path(cfg, path):
+  """Process 0 builds the dataset; the others wait for it and use the same path."""
+  if jax.process_count() == 1:
+    return path
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  multihost_utils.sync_global_devices("llada_jax.train: dataset built")
+  return sharding.allgather_json(path)[0]
 
 
 def source_state(source) -> dict:
+  """The data state of the whole run (every process's shards), the same on every process."""
   if isinstance(source, TaskSource):
     return source.get_state()
-  from llada_jax.train import data as data_lib
-  return {"grain": data_lib.iterator_state(source)}
+  merged = {}
+  for shards in sharding.allgather_json(source.get_state()):
+    merged.update(shards)
+  return {"grain_shards": merged}
 
 
 def restore_source(source, state: dict) -> None:
   if isinstance(source, TaskSource):
     source.set_state(state)
+  elif "grain" in state:  # a checkpoint from before data shards: one shard
+    source.set_state({"0": state["grain"]})
   else:
-    from llada_jax.train import data as data_lib
-    data_lib.restore_iterator(source, state["grain"])
+    source.set_state(state["grain_shards"])
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -251,55 +285,128 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
-def _abstract(tree):
-  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (nothing to wait for on one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(f"llada_jax.train: {name}")
+
+
+def _warn(msg: str) -> None:
+  if _is_main():
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 class Trainer:
-  """Runs one training stage described by an ml_collections config in `workdir`."""
+  """Runs one training stage described by an ml_collections config in `workdir`.
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
+  `force=True` resumes a run directory even when it was started with another config.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+               force: bool = False):
     cfg = ml_collections.ConfigDict(cfg)
     cfg.workdir = workdir
     validate(cfg)
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
-    os.makedirs(workdir, exist_ok=True)
     self.c = model_config(cfg)
     self.stages = block_stages(cfg)
+    self.accum = int(cfg.get("grad_accum_steps", 1))
+    import orbax.checkpoint as ocp
+    self.ocp = ocp
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.mode = run_files.check(workdir, run_files.record(cfg, self.c), force=force,
+                                has_checkpoint=_has_checkpoint(ckpt_dir))
+    try:
+      self.tp = sharding.setup(cfg)
+      if cfg.stage == "ebpo" and jax.process_count() > 1:
+        raise ValueError("stage ebpo runs on one process (its rollouts are decoded on the "
+                         "host of each process); use a mesh over this process's devices")
+      self.layout = sharding.data_layout(self.tp, cfg.data.batch_size, cfg.data.seq_len,
+                                         cfg.data.get("shards", 0))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    _barrier("run directory checked")
+    if _is_main():
+      os.makedirs(workdir, exist_ok=True)
+      if self.mode == "warm_start":
+        _warn(f"config.init_from changed: starting over; the previous run is in "
+              f"{run_files.supersede(workdir)}")
+      elif self.mode == "forced":
+        old = run_files.read(workdir)
+        _warn("--force: resuming with another config ("
+              + "; ".join(run_files.differences(old, run_files.record(cfg, self.c))) + ")")
+      run_files.write_json(os.path.join(workdir, run_files.CONFIG_NAME),
+                           run_files.record(cfg, self.c))
+    _barrier("run directory written")
+    if cfg.param_dtype == "bfloat16":
+      _warn("param_dtype=bfloat16: pure-bf16 training (bf16 weights and optimizer moments); "
+            "updates below bf16 resolution are lost. The default keeps float32 master weights "
+            "with dtype=bfloat16 compute")
     self.optimizer = make_optimizer(cfg)
     self.tokenizer = make_tokenizer(cfg, self.c)
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    import orbax.checkpoint as ocp
-    self.ocp = ocp
+    self.abstract_state, self.state_shardings = sharding.state_shardings(
+        self.tp, self.c, self.optimizer)
+    self.steps = steps.CompiledSteps(cfg.stage, self.optimizer, self.state_shardings,
+                                     self.tp.mesh, rows_spec=self.tp.rows)
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
+        ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
+    self.preempted = False
+    self._term = False
 
   # -- state --
   def _initial_params(self):
-    if self.cfg.init_from:
-      _, params = llada_jax.load_hf_checkpoint(self.cfg.init_from, dtype=self.cfg.param_dtype)
-      return params
-    return llada_jax.init_params(self.c, jax.random.PRNGKey(self.cfg.seed))
+    """The run's starting params (random or `init_from`), placed by the rules."""
+    cfg, ps = self.cfg, self.state_shardings["params"]
+    if cfg.init_from:
+      load = llada_jax.load_hf_checkpoint
+      if "mesh" in inspect.signature(load).parameters:  # streams each device's slices
+        _, params = load(cfg.init_from, dtype=cfg.param_dtype, mesh=self.tp.mesh,
+                         rules=self.tp.rules)
+      else:
+        _, params = load(cfg.init_from, dtype=cfg.param_dtype)
+      return llada_jax.parallel.put(params, ps)
+    with jax.set_mesh(self.tp.mesh):
+      init = jax.jit(lambda k: llada_jax.init_params(self.c, k), out_shardings=ps)
+      return init(jax.random.PRNGKey(cfg.seed))
 
-  def _initial_state(self, params):
-    return dict(params=params, opt_state=self.optimizer.init(params),
-                step=jnp.zeros((), jnp.int32))
+  def _initial_state(self):
+    """A fresh train state, created in its shardings."""
+    if not self.cfg.init_from:
+      return sharding.init_state(self.tp, self.c, self.optimizer, self.cfg.seed,
+                                 self.state_shardings)
+    return sharding.state_from_params(self.tp, self._initial_params(), self.optimizer,
+                                      self.state_shardings)
+
+  def _reference_params(self):
+    """DPO's frozen reference: the starting params in the compute dtype."""
+    ps = self.state_shardings["params"]
+    cast = jax.jit(lambda p: steps.compute_params(p, self.c), out_shardings=ps)
+    with jax.set_mesh(self.tp.mesh):
+      return cast(self._initial_params())
 
   def _save(self, step: int, state, source) -> None:
     ocp = self.ocp
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(source_state(source))))
 
-  def _restore(self, state, source):
+  def _restore(self, source):
+    """(state, step) of the latest checkpoint, restored into the run's shardings, or
+    (None, 0) without one."""
     step = self.manager.latest_step()
     if step is None:
-      return state, 0
+      return None, 0
     ocp = self.ocp
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state)), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore()))
     restore_source(source, out["data"])
-    self._truncate_metrics(step)
+    if _is_main():
+      self._truncate_metrics(step)
     return out["state"], step
 
   def _truncate_metrics(self, step: int) -> None:
@@ -312,10 +419,24 @@ class Trainer:
       f.writelines(keep)
     os.replace(tmp, self.metrics_path)
 
+  def _write_run_info(self, state) -> None:
+    info = sharding.mesh_description(self.tp)
+    info.update(
+        params_bytes=sharding.device_bytes(state["params"]),
+        opt_state_bytes=sharding.device_bytes(state["opt_state"]),
+        param_dtype=self.c.param_dtype, compute_dtype=self.c.dtype,
+        global_batch=self.cfg.data.batch_size, grad_accum_steps=self.accum,
+        data_shards=self.layout.num_shards, rows_per_shard=self.layout.rows_per_shard)
+    if _is_main():
+      run_files.write_json(os.path.join(self.workdir, run_files.RUN_INFO_NAME), info)
+    self.run_info = info
+
   # -- logging --
   def _log(self, step: int, metrics: dict, writer) -> None:
     row = {"step": step}
     row.update({k: float(v) for k, v in metrics.items() if k != "finite"})
+    if not _is_main():
+      return
     with open(self.metrics_path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if writer is not None:
@@ -323,39 +444,60 @@ class Trainer:
         if k != "step":
           writer.add_scalar(k, v, step)
 
+  def _open_writer(self):
+    if not _is_main():
+      return None
+    try:
+      from tensorboardX import SummaryWriter
+      return SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+    except ImportError:  # pragma: no cover
+      return None
+
+  # -- preemption --
+  def _on_sigterm(self, signum, frame) -> None:
+    self._term = True
+
+  def _install_sigterm(self):
+    try:
+      return signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # not the main thread: no handler
+      return None
+
   # -- main --
   def run(self) -> dict:
     cfg = self.cfg
-    params = self._initial_params()
-    ref_params = params if cfg.stage == "dpo" else None
-    if ref_params is not None:
-      ref_params = jax.tree_util.tree_map(jnp.copy, ref_params)
-    state = self._initial_state(params)
     block0 = wsd.block_length_at(self.stages, 0)
-    source = make_source(cfg, self.tokenizer, block0)
-    state, start = self._restore(state, source)
+    source = make_source(cfg, self.tokenizer, block0, self.layout)
+    state, start = self._restore(source)
+    if state is None:
+      state = self._initial_state()
+    ref_params = self._reference_params() if cfg.stage == "dpo" else None
+    self._write_run_info(state)
+    if jax.process_count() > 1:
+      from llada_jax.parallel import distributed  # noqa: PLC0415
+      print(f"{distributed.describe()}; mesh {self.run_info['mesh']}; data shards "
+            f"{list(self.layout.local_shards)} of {self.layout.num_shards}", flush=True)
     base_key = jax.random.PRNGKey(cfg.seed)
     lr = learning_rate(cfg)
-    try:
-      from tensorboardX import SummaryWriter
-      writer = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
-    except ImportError:  # pragma: no cover
-      writer = None
+    writer = self._open_writer()
     bar = None
-    if self.progress:
+    if self.progress and _is_main():
       from tqdm import tqdm
       bar = tqdm(total=cfg.steps, initial=start, desc=f"train[{cfg.stage}]", unit="step")
+    previous_handler = self._install_sigterm()
     last = {}
-    t_last, tokens = time.perf_counter(), 0
+    t_last, tokens = time.perf_counter(), 0.0
     try:
       for step in range(start, cfg.steps):
         if step == cfg.debug_kill_at_step:
           self.manager.wait_until_finished()
           os.kill(os.getpid(), signal.SIGKILL)
+        if step == cfg.get("debug_term_at_step", -1):
+          os.kill(os.getpid(), signal.SIGTERM)
         key = jax.random.fold_in(base_key, step)
         block = wsd.block_length_at(self.stages, step)
-        state, metrics, n_tok = self._step(state, source, key, block, step, ref_params)
-        tokens += n_tok
+        state, metrics = self._step(state, source, key, block, step, ref_params)
+        tokens += float(metrics.pop("tokens"))
         if not bool(metrics["finite"]):
           raise NonFiniteLoss(
               f"non-finite loss at step {step}; stopped, the last good checkpoint is step "
@@ -365,55 +507,79 @@ class Trainer:
           now = time.perf_counter()
           metrics = dict(metrics, lr=lr(step), block_length=block,
                          tokens_per_s=tokens / max(now - t_last, 1e-9))
-          t_last, tokens = now, 0
+          t_last, tokens = now, 0.0
           self._log(done, metrics, writer)
           last = {k: float(v) for k, v in metrics.items()}
           if bar is not None:
             bar.set_postfix(loss=f"{last['loss']:.4f}", block=block)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        saved = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if saved:
           self._save(done, state, source)
         if bar is not None:
           bar.update(1)
+        if done < cfg.steps and sharding.any_process(self._term):
+          if not saved:
+            self._save(done, state, source)
+          self.preempted, self.preempted_at = True, done
+          break
     finally:
       self.manager.wait_until_finished()
+      if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
       if bar is not None:
         bar.close()
       if writer is not None:
         writer.close()
     self.state = state
-    if cfg.export_hf:
-      llada_jax.save_hf_checkpoint(cfg.export_hf, self.c, state["params"])
-      if hasattr(self.tokenizer, "save"):
-        self.tokenizer.save(cfg.export_hf)
+    if cfg.export_hf and not self.preempted:
+      self._export(state["params"])
     return last
+
+  def _export(self, params) -> None:
+    """HF checkpoint of the params in the compute dtype (gathered; written by process 0)."""
+    host = sharding.to_host(params)
+    if _is_main():
+      llada_jax.save_hf_checkpoint(self.cfg.export_hf, self.c, host, dtype=self.c.dtype)
+      if hasattr(self.tokenizer, "save"):
+        self.tokenizer.save(self.cfg.export_hf)
+
+  def _objective(self, block: int, step: int) -> ObjectiveConfig:
+    return dataclasses.replace(objective_config(self.cfg, block, step),
+                               moe_impl=self.tp.moe_impl, attention_impl=self.tp.attention_impl,
+                               remat=self.tp.remat)
+
+  def _batch(self, source) -> dict:
+    """The next global batch: toy tasks are drawn whole on every process, corpora per shard."""
+    if isinstance(source, TaskSource):
+      return sharding.put_rows(self.tp, next(source))
+    return sharding.global_batch(self.tp, next(source), self.cfg.data.batch_size)
 
   def _step(self, state, source, key, block: int, step: int, ref_params):
     cfg = self.cfg
-    oc = objective_config(cfg, block, step)
+    oc = self._objective(block, step)
     if cfg.stage == "bdlm":
-      batch = next(source)
-      n_tok = int(np.asarray(batch["segment_ids"] >= 0).sum())
-      batch = {k: jnp.asarray(v) for k, v in batch.items()}
-      state, metrics = bdlm_step(state, batch, key, c=self.c, oc=oc, optimizer=self.optimizer)
-      return state, metrics, n_tok
+      spec = steps.StepSpec(self.c, oc=oc, accum=self.accum)
+      return self.steps(spec, state, self._batch(source), key)
     if cfg.stage == "dpo":
       chosen, rejected = source.next_pair()
-      n_tok = int((chosen["segment_ids"] >= 0).sum() + (rejected["segment_ids"] >= 0).sum())
-      state, metrics = dpo_step(state, ref_params, chosen, rejected, key, c=self.c, oc=oc,
-                                optimizer=self.optimizer, beta=cfg.dpo.beta)
-      return state, metrics, n_tok
+      batch = sharding.put_rows(self.tp, dict(chosen=chosen, rejected=rejected))
+      spec = steps.StepSpec(self.c, oc=oc, beta=float(cfg.dpo.beta), accum=self.accum)
+      return self.steps(spec, state, batch, key, ref_params)
     return self._ebpo_step(state, source, key, block, step)
 
   def _ebpo_step(self, state, source, key, block: int, step: int):
-    cfg, e = self.cfg, self.cfg.ebpo
+    cfg, e, tp = self.cfg, self.cfg.ebpo, self.tp
     ecfg = ebpo_lib.EBPOConfig(group_size=e.group_size, num_timesteps=e.num_timesteps,
-                               eps_low=e.eps_low, eps_high=e.eps_high, block_length=block)
+                               eps_low=e.eps_low, eps_high=e.eps_high, block_length=block,
+                               attention_impl=tp.attention_impl, moe_impl=tp.moe_impl,
+                               remat=tp.remat)
     prompts, answers = source.prompts()
     reward = getattr(toy_tasks, e.reward)
 
     def gen(flat):
-      return llada_jax.generate(
-          state["params"], self.c, flat, mode=e.mode, gen_length=e.gen_length,
+      return llada_jax.parallel.sharded_generate(
+          state["params"], self.c, flat, tp.mesh, rules=tp.rules, moe_impl=tp.moe_impl,
+          attention_impl=tp.attention_impl, mode=e.mode, gen_length=e.gen_length,
           block_length=block, temperature=e.temperature, seed=step,
           eos_id=self.tokenizer.eos_id, mask_id=self.c.mask_token_id,
           editing_threshold=e.editing_threshold, threshold=e.threshold,
@@ -425,11 +591,35 @@ class Trainer:
     flat, responses, rewards = ebpo_lib.rollout(gen, prompts, e.group_size, score)
     adv = ebpo_lib.group_advantages(rewards).reshape(-1)
     batch = ebpo_lib.build_batch(flat, responses, cfg.data.seq_len, self.tokenizer.pad_id)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    masks_n, old = ebpo_old_logprobs(state["params"], batch, key, c=self.c, block_length=block,
-                                     n=e.num_timesteps)
+    batch = sharding.put_rows(tp, batch)
+    masks, old = self._old_logprobs(ecfg, batch)(state["params"], batch, key)
+    inputs = dict(batch=batch, masks=masks, old=old, adv=sharding.put_rows(tp, adv))
+    spec = steps.StepSpec(self.c, ecfg=ecfg, accum=self.accum)
     for _ in range(e.updates_per_rollout):
-      state, metrics = ebpo_step(state, batch, masks_n, old, jnp.asarray(adv), c=self.c,
-                                 ecfg=ecfg, optimizer=self.optimizer)
+      state, metrics = self.steps(spec, state, inputs, key)
     metrics = dict(metrics, reward=float(rewards.mean()))
-    return state, metrics, int((np.asarray(batch["segment_ids"]) >= 0).sum())
+    return state, metrics
+
+  def _old_logprobs(self, ecfg, batch):
+    """The jitted rollout-policy log-probs for `ecfg`, outputs split by rows."""
+    cache = self.__dict__.setdefault("_old_cache", {})
+    if ecfg not in cache:
+      b, length = batch["tokens"].shape
+      nb = length // ecfg.block_length if ecfg.block_length < length else 1
+      n = ecfg.num_timesteps
+      out = (self.tp.rows((b, n, length)), self.tp.rows((b, n, nb)))
+      fn = jax.jit(functools.partial(steps.ebpo_old_logprobs, c=self.c, ecfg=ecfg),
+                   out_shardings=out)
+
+      def run(params, batch, key):
+        with jax.set_mesh(self.tp.mesh):
+          return fn(params, batch, key)
+      cache[ecfg] = run
+    return cache[ecfg]
+
+
+def _has_checkpoint(ckpt_dir: str) -> bool:
+  """Whether `ckpt_dir` holds a finished orbax step directory."""
+  if not os.path.isdir(ckpt_dir):
+    return False
+  return any(name.isdigit() for name in os.listdir(ckpt_dir))
