@@ -269,6 +269,7 @@ def _cli(config, workdir, overrides, extra=()):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_then_resumes_and_config_is_checked(tmp_path):
   """SIGTERM during step 2: the step finishes, step 3 is saved, exit 75; the rerun resumes at 3.
   Resuming with another config exits 2 in one line; --force resumes anyway."""

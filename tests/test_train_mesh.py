@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -76,6 +77,7 @@ def run_info(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_sharded_runs_match_one_device_and_resume_bit_identically(tmp_path):
   common = dict(COMMON, **{"data.source": str(corpus(tmp_path)),
                            "data.dataset_dir": str(tmp_path / "ds")})
@@ -109,6 +111,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   """2 processes x 4 devices (localhost, gloo) = 1 process x 8 devices: same global batch read
   as 2 data shards (one per process in the 2-process run), same metrics."""

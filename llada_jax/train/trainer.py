@@ -55,9 +55,8 @@ class ConfigError(ValueError):
 def model_config(cfg) -> ModelConfig:
   """The model config with `param_dtype` (master params) and `dtype` (compute) of the run."""
   if cfg.init_from:
-    return ModelConfig.from_json_file(os.path.join(cfg.init_from, "config.json")
-                                      if os.path.isdir(cfg.init_from) else cfg.init_from
-                                      ).replace(param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    return ModelConfig.from_json_file(cfg.init_from).replace(
+        param_dtype=cfg.param_dtype, dtype=cfg.dtype)
   base = get_preset(cfg.model.preset)
   return base.replace(**dict(cfg.model.overrides), param_dtype=cfg.param_dtype, dtype=cfg.dtype)
 
@@ -383,12 +382,13 @@ class Trainer:
     return sharding.state_from_params(self.tp, self._initial_params(), self.optimizer,
                                       self.state_shardings)
 
-  def _reference_params(self):
-    """DPO's frozen reference: the starting params in the compute dtype."""
+  def _reference_params(self, params=None):
+    """DPO's frozen reference: the starting params (`params`, or made again when resuming) in
+    the compute dtype."""
     ps = self.state_shardings["params"]
     cast = jax.jit(lambda p: steps.compute_params(p, self.c), out_shardings=ps)
     with jax.set_mesh(self.tp.mesh):
-      return cast(self._initial_params())
+      return cast(self._initial_params() if params is None else params)
 
   def _save(self, step: int, state, source) -> None:
     ocp = self.ocp
@@ -469,9 +469,12 @@ class Trainer:
     block0 = wsd.block_length_at(self.stages, 0)
     source = make_source(cfg, self.tokenizer, block0, self.layout)
     state, start = self._restore(source)
-    if state is None:
+    fresh = state is None
+    if fresh:
       state = self._initial_state()
-    ref_params = self._reference_params() if cfg.stage == "dpo" else None
+    ref_params = None
+    if cfg.stage == "dpo":
+      ref_params = self._reference_params(state["params"] if fresh else None)
     self._write_run_info(state)
     if jax.process_count() > 1:
       from llada_jax.parallel import distributed  # noqa: PLC0415
