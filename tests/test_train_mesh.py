@@ -150,3 +150,44 @@ def test_two_processes_match_one_process(tmp_path):
   shards = data_state["grain_shards"]
   assert sorted(shards) == ["0", "1"] and shards["0"] != shards["1"]
   assert shards["0"]["settings"]["shard_index"] == 0 and shards["1"]["settings"]["shard_index"] == 1
+
+
+OBJECTIVES_WORKER = r"""
+import json, sys
+from llada_jax.train.defaults import tiny_byte_config
+from llada_jax.train.trainer import Trainer
+out = {}
+for stage in ("dpo", "ebpo"):
+  for mesh, moe in (("", "ragged"), ("data=2,expert=4", "ep")):
+    c = tiny_byte_config(stage)
+    c.steps, c.log_every, c.ckpt_every = 2, 1, 100
+    c.mesh, c.objective.moe_impl = mesh, moe
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    if stage == "ebpo":
+      c.data.task, c.data.batch_size, c.ebpo.group_size, c.ebpo.gen_length = "repeat", 2, 4, 8
+    else:
+      c.data.batch_size = 8
+    t = Trainer(c, f"{sys.argv[1]}/{stage}_{mesh or 'one'}", progress=False)
+    t.run()
+    with open(f"{sys.argv[1]}/{stage}_{mesh or 'one'}/metrics.jsonl") as f:
+      out[f"{stage}|{mesh}"] = [json.loads(x) for x in f]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_dpo_and_ebpo_under_a_mesh_match_one_device(tmp_path):
+  """The DPO reference pass and the EBPO rollouts / log-ratios run under the mesh with
+  expert parallelism and log what one device logs."""
+  out = subprocess.run([sys.executable, "-c", OBJECTIVES_WORKER, str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900, env=env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  for stage, keys in (("dpo", ("loss", "margin", "grad_norm")),
+                      ("ebpo", ("loss", "ratio", "reward", "grad_norm"))):
+    one, mesh = res[f"{stage}|"], res[f"{stage}|data=2,expert=4"]
+    assert len(one) == len(mesh) == 2
+    for r, q in zip(mesh, one):
+      for k in keys:
+        assert abs(r[k] - q[k]) <= 1e-5 * max(abs(q[k]), 1.0), (stage, k, r[k], q[k])

@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     return 2
   try:
     last = trainer.run()
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     return 3

@@ -404,7 +404,11 @@ class Trainer:
     ocp = self.ocp
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore()))
-    restore_source(source, out["data"])
+    try:
+      restore_source(source, out["data"])
+    except ValueError as e:
+      raise ConfigError(f"cannot resume the data pipeline of step {step}: {e} (resume with "
+                        "the data settings and data.shards it was saved with)") from None
     if _is_main():
       self._truncate_metrics(step)
     return out["state"], step
@@ -465,6 +469,16 @@ class Trainer:
 
   # -- main --
   def run(self) -> dict:
+    """Trains to `cfg.steps` (resuming from the latest checkpoint); returns the last logged
+    metrics. After a SIGTERM it stops early with `self.preempted` set (checkpoint saved)."""
+    previous_handler = self._install_sigterm()
+    try:
+      return self._run()
+    finally:
+      if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+  def _run(self) -> dict:
     cfg = self.cfg
     block0 = wsd.block_length_at(self.stages, 0)
     source = make_source(cfg, self.tokenizer, block0, self.layout)
@@ -487,7 +501,6 @@ class Trainer:
     if self.progress and _is_main():
       from tqdm import tqdm
       bar = tqdm(total=cfg.steps, initial=start, desc=f"train[{cfg.stage}]", unit="step")
-    previous_handler = self._install_sigterm()
     last = {}
     t_last, tokens = time.perf_counter(), 0.0
     try:
@@ -527,8 +540,6 @@ class Trainer:
           break
     finally:
       self.manager.wait_until_finished()
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
       if bar is not None:
         bar.close()
       if writer is not None:
