@@ -8,14 +8,73 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any
+
+from llada_jax.errors import InputError, describe_value
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
 # HF `torch_dtype` spellings accepted for `param_dtype`.
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
                  "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# What each field allows, for the one-line message naming a bad value.
+_POS_INT, _NONNEG_INT, _POS_NUM, _BOOL = ("a positive integer", "a non-negative integer",
+                                          "a positive number", "true or false")
+_TOKEN_ID = "a token id (an integer in [0, vocab_size))"
+_ALLOWED = {
+    "vocab_size": _POS_INT, "hidden_size": _POS_INT, "num_hidden_layers": _POS_INT,
+    "num_attention_heads": _POS_INT, "intermediate_size": _POS_INT, "num_experts": _POS_INT,
+    "num_experts_per_tok": _POS_INT, "moe_intermediate_size": _POS_INT,
+    "num_key_value_heads": "a positive integer (or 0: as many as num_attention_heads)",
+    "head_dim": "a positive integer (or 0: hidden_size // num_attention_heads)",
+    "partial_rotary_factor": "a number in (0, 1]", "rope_theta": _POS_NUM,
+    "use_qk_norm": _BOOL, "first_k_dense_replace": _NONNEG_INT,
+    "num_shared_experts": _NONNEG_INT, "n_group": _POS_INT, "topk_group": _POS_INT,
+    "routed_scaling_factor": _POS_NUM, "rms_norm_eps": _POS_NUM,
+    "max_position_embeddings": _POS_INT, "pad_token_id": _TOKEN_ID, "eos_token_id": _TOKEN_ID,
+    "mask_token_id": _TOKEN_ID, "use_bias": _BOOL, "use_qkv_bias": _BOOL,
+    "tie_word_embeddings": _BOOL, "param_dtype": f"one of {', '.join(_DTYPES)}",
+    "dtype": f"one of {', '.join(_DTYPES)}",
+}
+# Smallest value of the integer fields whose minimum is not 1.
+_INT_MIN = {"num_key_value_heads": 0, "head_dim": 0, "first_k_dense_replace": 0,
+            "num_shared_experts": 0, "pad_token_id": 0, "eos_token_id": 0, "mask_token_id": 0}
+
+# The LLaDA2 tokenizer's vocabulary and special ids: the only vocabulary for which a config.json
+# may leave out pad/eos/mask token ids (the released configs rely on the generate() defaults).
+LLADA2_VOCAB_SIZE = 157184
+LLADA2_TOKEN_IDS = {"pad_token_id": 156892, "eos_token_id": 156892, "mask_token_id": 156895}
+
+
+def _bad(msg: str):
+  raise InputError(f"invalid model config: {msg}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _got(v, kind: str) -> str:
+  """The bad value described, with a hint when it is a quoted form of an allowed value."""
+  text = describe_value(v)
+  if isinstance(v, str):
+    try:
+      parsed = json.loads(v)
+    except ValueError:
+      parsed = None
+    fits = {"int": _is_int, "float": _is_number, "bool": lambda x: isinstance(x, bool)}
+    if kind in fits and fits[kind](parsed):
+      text = f"{v!r} (a string; write {v.strip()} without quotes)"
+  return text
+
 
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
@@ -55,6 +114,7 @@ class ModelConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
+    self._check_types()  # before the defaults below do arithmetic with the values
     # Resolve the "0 means default" fields once, so every reader sees concrete values.
     if self.num_key_value_heads == 0:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
@@ -79,20 +139,32 @@ class ModelConfig:
   def shared_intermediate_size(self) -> int:
     return self.moe_intermediate_size * self.num_shared_experts
 
+  def _check_types(self) -> None:
+    """Raises one `InputError` naming the first field whose value has the wrong type or an
+    out-of-range value (a string "1024", "false", NaN, a negative size, ...)."""
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      allowed = _ALLOWED[f.name]
+      if f.type == "int":
+        ok = _is_int(v) and v >= _INT_MIN.get(f.name, 1)
+      elif f.type == "float":
+        ok = _is_number(v) and math.isfinite(v) and v > 0
+        if f.name == "partial_rotary_factor":
+          ok = ok and v <= 1
+      elif f.type == "bool":
+        ok = isinstance(v, bool)
+      else:
+        ok = isinstance(v, str) and v in _DTYPES
+      if not ok:
+        _bad(f"{f.name} must be {allowed}, got {_got(v, f.type)}")
+
   def validate(self) -> None:
-    """Raises one `ValueError` naming the first inconsistent field."""
-    def bad(msg):
-      raise ValueError(f"invalid model config: {msg}")
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
-                 "moe_intermediate_size", "intermediate_size", "n_group", "topk_group"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        bad(f"{name} must be a positive integer, got {v!r}")
-    for name in ("first_k_dense_replace", "num_shared_experts"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        bad(f"{name} must be a non-negative integer, got {v!r}")
+    """Raises one `InputError` (a `ValueError`) naming the first inconsistent field."""
+    self._check_types()
+    for name in ("num_key_value_heads", "head_dim"):  # after the "0 means default" resolution
+      if getattr(self, name) <= 0:
+        _bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    bad = _bad
     if self.num_attention_heads % self.num_key_value_heads:
       bad(f"num_attention_heads ({self.num_attention_heads}) is not divisible by "
           f"num_key_value_heads ({self.num_key_value_heads})")
@@ -108,26 +180,17 @@ class ModelConfig:
           f"{self.topk_group} kept groups")
     if self.num_experts // self.n_group < 2:
       bad("each routing group needs at least 2 experts (group score = sum of the top 2)")
-    if not 0.0 < self.partial_rotary_factor <= 1.0:
-      bad(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
     if self.rotary_dim % 2:
       bad(f"rotary dim head_dim*partial_rotary_factor = {self.rotary_dim} must be even")
-    if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-      bad("rope_theta and rms_norm_eps must be positive")
     if self.use_bias or self.use_qkv_bias:
       bad("use_bias/use_qkv_bias = true is not supported (released LLaDA2 checkpoints set "
           "both to false; the HF config class defaults use_bias to true, so set it explicitly)")
     if self.tie_word_embeddings:
       bad("tie_word_embeddings = true is not supported (LLaDA2 uses an untied lm_head)")
-    for name in ("param_dtype", "dtype"):
-      if getattr(self, name) not in _DTYPES:
-        bad(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
     for name in ("pad_token_id", "eos_token_id", "mask_token_id"):
       v = getattr(self, name)
-      if not isinstance(v, int) or not 0 <= v < self.vocab_size:
+      if not 0 <= v < self.vocab_size:
         bad(f"{name} ({v!r}) must be a token id in [0, vocab_size={self.vocab_size})")
-    if self.max_position_embeddings <= 0:
-      bad("max_position_embeddings must be positive")
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
@@ -135,31 +198,43 @@ class ModelConfig:
   # ---- HF config.json ------------------------------------------------------------------------
   @classmethod
   def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
-    """Builds a config from a parsed HF `config.json`; unknown informational keys are ignored."""
+    """Builds a config from a parsed HF `config.json`; unknown informational keys are ignored.
+
+    Every field is checked for its type and range (a quoted number or boolean such as
+    `"1024"` or `"false"` is rejected, naming the field). `pad_token_id`, `eos_token_id` and
+    `mask_token_id` may only be left out with the LLaDA2 vocabulary (`vocab_size` 157184): the
+    released configs rely on the LLaDA2 generate() defaults (156892, 156892, 156895), which mean
+    nothing for any other vocabulary, so there a missing id is an error naming the field.
+    """
     if not isinstance(d, dict):
-      raise ValueError("invalid model config: config.json must hold a JSON object")
+      _bad("config.json must hold a JSON object")
     missing = [k for k in _REQUIRED if k not in d]
     if missing:
-      raise ValueError(f"invalid model config: missing required key(s) {', '.join(missing)}")
+      _bad(f"missing required key(s) {', '.join(missing)}")
     fields = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype"}
-    kw = {k: d[k] for k in fields if k in d and d[k] is not None}
+    kw = {k: d[k] for k in fields if k in d and (d[k] is not None or k in _REQUIRED)}
     # The HF config class defaults use_bias to True; keep that meaning for a missing key.
     kw.setdefault("use_bias", True)
     for k in ("eos_token_id", "pad_token_id"):
-      if isinstance(kw.get(k), list):
+      if isinstance(kw.get(k), list):  # HF allows a list of EOS ids; the first one is ours
+        if not kw[k]:
+          _bad(f"{k} must be {_TOKEN_ID} or a non-empty list of them, got []")
         kw[k] = kw[k][0]
-    if "mask_token_id" not in kw:
-      kw["mask_token_id"] = d.get("mask_token_id", cls.mask_token_id)
+    for k, default in LLADA2_TOKEN_IDS.items():
+      if k not in kw:
+        if d["vocab_size"] != LLADA2_VOCAB_SIZE:
+          _bad(f"{k} is missing: it has a default ({default}) only with the LLaDA2 vocabulary "
+               f"(vocab_size {LLADA2_VOCAB_SIZE}), and this config has vocab_size "
+               f"{d['vocab_size']!r}; add \"{k}\": <token id> to config.json")
+        kw[k] = default
     torch_dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
-    if torch_dtype not in _TORCH_DTYPES:
-      raise ValueError(f"invalid model config: unsupported torch_dtype {torch_dtype!r}")
+    if not isinstance(torch_dtype, str) or torch_dtype not in _TORCH_DTYPES:
+      _bad(f"unsupported torch_dtype {torch_dtype!r} (use one of {', '.join(_TORCH_DTYPES)})")
     kw["param_dtype"] = _TORCH_DTYPES[torch_dtype]
     kw["dtype"] = kw["param_dtype"]
-    for k, v in kw.items():
-      if k in ("partial_rotary_factor", "rope_theta", "routed_scaling_factor", "rms_norm_eps"):
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-          raise ValueError(f"invalid model config: {k} must be a number, got {v!r}")
-        kw[k] = float(v)
+    for k in ("partial_rotary_factor", "rope_theta", "routed_scaling_factor", "rms_norm_eps"):
+      if k in kw and _is_number(kw[k]):  # anything else is reported by the type checks
+        kw[k] = float(kw[k])
     return cls(**kw)
 
   def to_hf(self) -> dict[str, Any]:
@@ -184,17 +259,29 @@ class ModelConfig:
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    """Reads `path` (a `config.json`, or a directory holding one); a bad file or field raises
+    one `InputError` naming the file and the field."""
     path = os.fspath(path)
     if os.path.isdir(path):
       path = os.path.join(path, "config.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"no config.json at {path}")
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         d = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"invalid model config: {path} is not valid JSON ({e})") from None
-    return cls.from_hf(d)
+      raise InputError(f"invalid model config: {path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+      raise InputError(f"invalid model config: {path} is not UTF-8 text ({e.reason} at byte "
+                       f"{e.start})") from None
+    try:
+      return cls.from_hf(d)
+    except InputError as e:
+      msg = str(e)
+      prefix = "invalid model config: "
+      if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+      raise InputError(f"invalid model config {path}: {msg}") from None
 
   def to_json_file(self, path: str | os.PathLike) -> None:
     with open(path, "w") as f:

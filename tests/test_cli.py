@@ -78,6 +78,19 @@ def test_cli_entry_point_subprocess(tiny):
       "error: unknown mode 'warp'; choose from quality, speedy")
 
 
+def test_cli_entry_point_bad_weights_one_line(tiny, tmp_path):
+  """The real entry point on a corrupt safetensors file: one line, status 2, no traceback."""
+  import shutil
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(tiny.dir, ckpt)
+  (ckpt / "model.safetensors").write_bytes(b"\0" * 100)
+  p = subprocess.run([sys.executable, "-m", "llada_jax.decode", "--checkpoint", str(ckpt),
+                      "--prompt-ids", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+  assert p.stderr.startswith(f"error: {ckpt}/model.safetensors is not a readable safetensors")
+
+
 def test_embedded_model_completes_code_and_chat_is_opt_in(capsys):
   """Without --checkpoint the embedded base model continues the prompt text as it is (and the
   text output starts with the prompt); --chat applies its chat template instead."""

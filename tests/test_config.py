@@ -56,7 +56,9 @@ def test_unknown_keys_tolerated():
     (dict(use_bias=True), "use_bias"),
     (dict(mask_token_id=9999), "mask_token_id"),
     (dict(torch_dtype="int8"), "unsupported torch_dtype"),
-    (dict(rope_theta="big"), "rope_theta must be a number"),
+    (dict(rope_theta="big"), "rope_theta must be a positive number, got .big. \\(a string\\)"),
+    (dict(max_position_embeddings="1024"), "max_position_embeddings must be a positive integer"),
+    (dict(use_qk_norm="false"), "use_qk_norm must be true or false, got 'false'"),
 ])
 def test_invalid_values(change, msg):
   d = tiny_config().to_hf()

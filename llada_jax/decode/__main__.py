@@ -4,8 +4,12 @@ Prompts get the checkpoint's chat template when its tokenizer has one, except wi
 default model, a base (completion) code model: there the text is continued as it is and printed
 after the prompt. `--chat` / `--no-chat` force either way.
 
-Errors (bad flags, unknown mode, bad checkpoint, prompt too long or empty, no tokenizer for
---prompt) print one line to stderr and exit with status 2.
+Every bad input (flags, decode settings, a missing or unreadable checkpoint, config.json fields
+of the wrong type or range, corrupt safetensors, tokenizer or chat template files, prompts too
+long or empty, non-finite weights) is reported as one line on stderr, exit status 2, before the
+weights are loaded or anything is compiled where it can be known then (`llada_jax.errors`:
+`--debug` or LLADA_JAX_DEBUG=1 adds the traceback; bugs keep theirs). Ctrl-C prints
+"interrupted" and exits with status 130.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import sys
 import time
 
 from llada_jax.decode.settings import ALGORITHMS, MODES
+from llada_jax.errors import InputError, run_main
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
                                   "default_model")
 
+# --check-finite is on by default when the weight files are smaller than this.
+CHECK_FINITE_AUTO_BYTES = 2 * 1024**3
 
-class UsageError(Exception):
+
+class UsageError(InputError):
   pass
 
 
@@ -80,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--format", default="text", choices=["text", "json"])
   p.add_argument("--timing", action="store_true",
                  help="decode a second time and report the run time without compilation")
+  _bool_flag(p, "check-finite", "check every weight for NaN/inf after loading (default: on "
+             f"when the weight files total under {CHECK_FINITE_AUTO_BYTES >> 30} GiB)")
+  p.add_argument("--debug", action="store_true",
+                 help="print the traceback of errors (also: LLADA_JAX_DEBUG=1)")
   return p
 
 
@@ -113,6 +125,68 @@ def _mesh_spec(flag: str | None) -> str | None:
   return flag
 
 
+def _check_impls(args) -> None:
+  """Unknown --attention-impl / --moe-impl / --update-impl names, before the load ("auto" is
+  resolved later, with the devices)."""
+  from llada_jax.decode.update import get_update  # noqa: PLC0415
+  from llada_jax.model.moe import expert_impl_names  # noqa: PLC0415
+  from llada_jax.model.transformer import get_attention  # noqa: PLC0415
+  if args.attention_impl != "auto":
+    get_attention(args.attention_impl)
+  if args.moe_impl != "auto" and args.moe_impl not in expert_impl_names():
+    raise UsageError(f"unknown --moe-impl {args.moe_impl!r}; choose from auto, "
+                     f"{', '.join(expert_impl_names())}")
+  get_update(args.update_impl)
+
+
+def _weight_files(ckpt: str) -> list[str]:
+  """The checkpoint's safetensors files, each checked to be a readable safetensors file (its
+  header is parsed and must cover the whole file: catches empty, truncated and random files)."""
+  from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+  single = os.path.join(ckpt, "model.safetensors")
+  index = os.path.join(ckpt, "model.safetensors.index.json")
+  if os.path.exists(single):
+    files = [single]
+  elif os.path.exists(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted({os.path.join(ckpt, v) for v in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+      return []  # the loader reports a malformed index in one line
+  else:
+    raise InputError(f"no weights in checkpoint {ckpt}: neither model.safetensors nor "
+                     "model.safetensors.index.json exists")
+  for file in files:
+    if not os.path.exists(file):
+      continue  # the loader names every missing shard at once
+    try:
+      with safe_open(file, framework="numpy") as f:
+        f.keys()
+    except SafetensorError as e:
+      raise InputError(f"{file} is not a readable safetensors file, it may be truncated or "
+                       f"corrupt ({e})") from None
+  return files
+
+
+def _check_finite(weight_files: list[str]) -> None:
+  """Raises one `InputError` naming the first tensor (in file order) holding NaN or inf. Reads
+  each tensor once on the host, one at a time, before the load (the files are then in the page
+  cache for it)."""
+  import numpy as np  # noqa: PLC0415
+  from safetensors import safe_open  # noqa: PLC0415
+  for file in weight_files:
+    with safe_open(file, framework="numpy") as f:
+      for name in f.keys():
+        x = f.get_tensor(name)
+        if np.isfinite(x).all():
+          continue
+        nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+        what = " and ".join(f"{n} {k}" for n, k in ((nan, "NaN"), (inf, "inf")) if n)
+        raise InputError(f"non-finite weights in {os.path.dirname(file)}: {name} holds {what} "
+                         f"of {x.size} values (--no-check-finite skips this check)")
+
+
 def _resolve_mesh(spec, ckpt: str, batch: int, longest_prompt: int, args):
   """The `Mesh` for `spec`; "auto" plans with the checkpoint's config and this workload."""
   from llada_jax import parallel  # noqa: PLC0415
@@ -138,14 +212,27 @@ def run(argv=None) -> int:
     raise UsageError("no --checkpoint given and no embedded default model is installed")
 
   import llada_jax
+  from llada_jax.config import ModelConfig
+  from llada_jax.decode.api import _check_prompts
   from llada_jax.decode.settings import DecodeSettings
   from llada_jax.tokenizer import Tokenizer
-  # Validate settings and the mesh spec before the (slow) checkpoint load.
-  block_length = DecodeSettings.for_mode(args.mode, **_settings_overrides(args)).block_length
+  # Validate settings, the mesh spec, the config, the weight files' headers, the tokenizer and
+  # the prompts before the (slow) checkpoint load and any compilation.
+  settings = DecodeSettings.for_mode(args.mode, **_settings_overrides(args))
+  block_length = settings.block_length
   mesh_spec = _mesh_spec(args.mesh)
   if args.checkpoint is not None:  # a directory, or a hub id downloaded on first use
     from llada_jax.checkpoint import resolve_checkpoint  # noqa: PLC0415
     ckpt = resolve_checkpoint(args.checkpoint)
+  _check_impls(args)
+  model_config = ModelConfig.from_json_file(ckpt)
+  settings = settings.with_ids(model_config.eos_token_id, model_config.mask_token_id)
+  settings.validate(model_config.vocab_size)
+  weight_files = _weight_files(ckpt)
+  check_finite = args.check_finite
+  if check_finite is None:
+    check_finite = sum(os.path.getsize(f) for f in weight_files
+                       if os.path.exists(f)) < CHECK_FINITE_AUTO_BYTES
 
   tokenizer = None
   if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
@@ -155,6 +242,8 @@ def run(argv=None) -> int:
     chat = args.checkpoint is not None and bool(tokenizer and tokenizer.chat_template)
   if chat and tokenizer is not None and not tokenizer.chat_template:
     raise UsageError(f"--chat: the tokenizer in {ckpt} has no chat template")
+  if chat and args.prompt and tokenizer is not None:
+    tokenizer.check_chat_template()
   prompts, shown_prompts = [], []
   for text in args.prompt or []:
     if tokenizer is None:
@@ -167,6 +256,9 @@ def run(argv=None) -> int:
     prompts.append(tokenizer.encode(text))
   prompts += [_parse_ids(x) for x in args.prompt_ids or []]
   shown_prompts += [""] * (len(prompts) - len(shown_prompts))
+  _check_prompts(prompts, model_config, settings)  # token ids and context length
+  if check_finite:
+    _check_finite([f for f in weight_files if os.path.exists(f)])  # the loader names missing ones
 
   mesh = _resolve_mesh(mesh_spec, ckpt, len(prompts), max(map(len, prompts)), args)
   t_load = time.perf_counter()
@@ -224,11 +316,9 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-  try:
-    return run(argv)
-  except (UsageError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  """The CLI inside the error boundary: a bad input is one line and status 2, Ctrl-C
+  "interrupted" and status 130, a bug its traceback (`llada_jax.errors.run_main`)."""
+  return run_main(run, argv)
 
 
 if __name__ == "__main__":

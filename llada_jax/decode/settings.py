@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
+from llada_jax.errors import InputError, describe_value
+
 ALGORITHMS = ("llada2.1", "llada2.0")
+
+# Thresholds are probabilities in [0, 1]; 1 means "never" (no probability exceeds it). Values up
+# to 1.01, the reference code's way of switching editing off, are accepted and mean never too.
+THRESHOLD_NEVER = 1.01
 
 # SPEC 7: our mode presets (LLaDA2.1 joint threshold decoding).
 MODES: dict[str, dict[str, Any]] = {
@@ -21,7 +29,7 @@ class DecodeSettings:
   algorithm: str = "llada2.1"
   gen_length: int = 256
   block_length: int = 32
-  threshold: float = 0.7  # tau_mask: M2T fills masks whose confidence is > threshold
+  threshold: float = 0.7  # tau_mask: M2T fills masks whose confidence is > this (in [0, 1])
   editing_threshold: float = 0.5  # tau_edit: T2T replaces tokens whose new prob is > this
   max_post_steps: int = 16  # LLaDA2.1: extra editing forwards per block once it has no mask
   num_to_transfer: int = 1  # LLaDA2.1: at least this many masks filled per forward
@@ -38,11 +46,11 @@ class DecodeSettings:
   @classmethod
   def for_mode(cls, mode: str = "quality", **overrides) -> "DecodeSettings":
     if mode not in MODES:
-      raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
+      raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-      raise ValueError(f"unknown decode setting(s): {', '.join(unknown)}")
+      raise InputError(f"unknown decode setting(s): {', '.join(unknown)}")
     kw = dict(MODES[mode], block_length=32, temperature=0.0, eos_early_stop=True,
               num_to_transfer=1)
     kw.update({k: v for k, v in overrides.items() if v is not None})
@@ -56,27 +64,45 @@ class DecodeSettings:
                                mask_id=mask_id if self.mask_id < 0 else self.mask_id)
 
   def validate(self, vocab_size: int | None = None) -> None:
-    """Raises one `ValueError` naming the first bad setting."""
+    """Raises one `InputError` (a `ValueError`) naming the first bad setting, its value and
+    what is allowed. With `vocab_size`: also the token ids and `top_k` against the vocabulary."""
     def bad(msg):
-      raise ValueError(f"invalid decode setting: {msg}")
-    if self.algorithm not in ALGORITHMS:
+      raise InputError(f"invalid decode setting: {msg}")
+    def got(v):
+      return describe_value(v)
+    if not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS:
       bad(f"algorithm {self.algorithm!r} (choose from {', '.join(ALGORITHMS)})")
     for name in ("gen_length", "block_length", "steps", "num_to_transfer", "mbe_window"):
       v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        bad(f"{name} must be a positive integer, got {v!r}")
+      if not _is_int(v) or v < 1:
+        bad(f"{name} must be a positive integer, got {got(v)}")
     for name in ("max_post_steps", "top_k"):
       v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        bad(f"{name} must be a non-negative integer, got {v!r}")
-    if self.temperature < 0:
-      bad(f"temperature must be >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      bad(f"top_p must be in (0, 1], got {self.top_p}")
+      if not _is_int(v) or v < 0:
+        bad(f"{name} must be a non-negative integer (0 = {_ZERO_MEANS[name]}), got {got(v)}")
+    if self.num_to_transfer > self.block_length:
+      bad(f"num_to_transfer ({self.num_to_transfer}) must be at most block_length "
+          f"({self.block_length}): it is the number of masks filled per forward within a block")
     for name in ("threshold", "editing_threshold"):
       v = getattr(self, name)
-      if not isinstance(v, (int, float)) or isinstance(v, bool):
-        bad(f"{name} must be a number, got {v!r}")
+      if not _is_number(v) or not 0.0 <= v <= THRESHOLD_NEVER:  # NaN fails this test too
+        hint = ""
+        if _is_number(v) and 2.0 <= v <= 100.0:
+          hint = f"; {v:g} looks like a percentage, use {v / 100:g}"
+        bad(f"{name} {got(v)} is not a probability: thresholds are probabilities in [0, 1] "
+            f"(1 = never){hint}")
+    if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
+      bad(f"temperature must be a finite number >= 0 (0 = greedy), got {got(self.temperature)}")
+    if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+      bad(f"top_p must be in (0, 1] (1 = off), got {got(self.top_p)}")
+    if not _is_int(self.seed):
+      bad(f"seed must be an integer, got {got(self.seed)}")
+    if not isinstance(self.eos_early_stop, bool):
+      bad(f"eos_early_stop must be true or false, got {got(self.eos_early_stop)}")
+    for name in ("eos_id", "mask_id"):
+      v = getattr(self, name)
+      if not _is_int(v) or v < -1:
+        bad(f"{name} must be a token id (or -1: from the model config), got {got(v)}")
     if vocab_size is not None:
       for name in ("eos_id", "mask_id"):
         v = getattr(self, name)
@@ -84,3 +110,18 @@ class DecodeSettings:
           bad(f"{name} {v} is not a token id of a vocabulary of {vocab_size}")
       if self.eos_id == self.mask_id:
         bad("eos_id and mask_id must differ")
+      if self.top_k > vocab_size:
+        bad(f"top_k ({self.top_k}) exceeds the vocabulary size ({vocab_size}); use a smaller "
+            "value, or 0 for no top-k filtering")
+
+
+_ZERO_MEANS = {"max_post_steps": "no editing forwards after a block has no mask",
+               "top_k": "off"}
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
