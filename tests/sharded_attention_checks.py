@@ -2,9 +2,10 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_attention_checks.py CHECK
 
-CHECK is `kernel`, `model` or `decode`. Prints one JSON object (the last stdout line) of
-measured differences; `test_kernels_sharded.py` holds the tolerances. References are always
-unsharded and use the XLA attention (`model.layers.attention`).
+CHECK is `kernel`, `cache` (the kernel's cache cases only), `model` or `decode`. Prints one
+JSON object (the last stdout line) of measured differences; `test_kernels_sharded.py` holds
+the tolerances. References are always unsharded and use the XLA attention
+(`model.layers.attention`).
 """
 
 from __future__ import annotations
@@ -108,6 +109,46 @@ def check_kernel() -> dict:
         batch_axes=list(plan.batch_axes), head_mode=plan.head_mode,
         shard_map="sdy.manual_computation" in hlo)
   res.update(_kernel_variants())
+  res.update(_cache_cases())
+  return res
+
+
+# (mesh, B, W, S, H, KV): the KV cache as separate operands `[L, B, KV, S, d]` read by layer
+# index, in every head mode (forward only: decoding).
+CACHE_CASES = (
+    ("data=2,expert=4", 4, 8, 16, 4, 2),  # batch over data, heads not split
+    ("fsdp=2,expert=2,tensor=2", 4, 8, 16, 4, 2),  # "kv": the cache's KV heads split
+    ("fsdp=2,expert=2,tensor=2", 4, 8, 16, 4, 1),  # "group": cache replicated, head by index
+    ("data=4,tensor=2", 4, 8, 16, 6, 3),  # "gather"
+    ("data=2,tensor=4", 2, 8, 16, 6, 2),  # "replicate"
+)
+
+
+def _cache_cases() -> dict:
+  res = {}
+  for spec, b, w, slots, h, kv in CACHE_CASES:
+    rng = np.random.default_rng(2)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    q, k, v = f(b, w, h, 8), f(b, slots + w, kv, 8), f(b, slots + w, kv, 8)
+    ql, kl = _layouts("decode", b, w, slots + w)
+    alive = jnp.any(masks.visible(ql, kl), axis=-1)[:, :, None, None]
+    ref = jnp.where(alive, _xla(q, k, v, ql, kl), 0)
+    split = lambda x, a, z: x[:, a:z]
+    cl = masks.Layout(*(split(x, 0, slots) for x in (kl.block, kl.noisy, kl.segment)))
+    wl = masks.Layout(*(split(x, slots, None) for x in (kl.block, kl.noisy, kl.segment)))
+    to_cache = lambda x: jnp.swapaxes(x[:, :slots], 1, 2)  # [B, KV, S, d]
+    stack = lambda x: jnp.stack([to_cache(x) * 0 + 9, to_cache(x)])  # layer 1 is the real one
+    mesh = parallel.make_mesh(spec)
+    plan = sa.plan_sharding(parallel.mesh_shape(mesh), b, h, kv)
+    fn = jax.jit(lambda q, k, v, ck, cv, i: ba.pallas_attention(
+        q, k, v, ql, wl, cache_k=ck, cache_v=cv, cache_layout=cl, cache_index=i))
+    with jax.set_mesh(mesh):
+      args = (q, k[:, slots:], v[:, slots:], stack(k), stack(v), jnp.int32(1))
+      out = fn(*args)
+      hlo = fn.lower(*args).as_text()
+    res[f"{spec}|cache|B={b},W={w},S={slots},H={h},KV={kv}"] = dict(
+        out_max_abs=max_abs(jnp.where(alive, out, 0), ref), head_mode=plan.head_mode,
+        shard_map="sdy.manual_computation" in hlo)
   return res
 
 
@@ -207,7 +248,8 @@ def check_decode() -> dict:
   return res
 
 
-CHECKS = {"kernel": check_kernel, "model": check_model, "decode": check_decode}
+CHECKS = {"kernel": check_kernel, "cache": _cache_cases, "model": check_model,
+          "decode": check_decode}
 
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()

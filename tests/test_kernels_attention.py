@@ -253,6 +253,135 @@ def test_interpret_params_simulated_tpu_no_races():
 
 
 # ---------------------------------------------------------------------------------------------
+# The KV cache as separate operands (decoding: read in place, forward only).
+# ---------------------------------------------------------------------------------------------
+
+def split_cache(k_layout: masks.Layout, slots: int):
+  """(cache layout `[B, S]`, window layout) of a decode key layout [cache ; window]."""
+  head = lambda x: x[:, :slots]
+  tail = lambda x: x[:, slots:]
+  return (masks.Layout(*map(head, (k_layout.block, k_layout.noisy, k_layout.segment))),
+          masks.Layout(*map(tail, (k_layout.block, k_layout.noisy, k_layout.segment))))
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "bs", "layers"))
+def cached_attention(q, k, v, q_layout, k_layout, *, impl, bs=None, layers=3):
+  """The attention against [cache ; window] from concatenated k, v `[B, S + W, KV, d]`: the
+  first S keys become a stacked cache `[layers, B, KV, S, d]` (layer 1 real, the others
+  garbage) read at cache_index 1."""
+  slots = k.shape[1] - q.shape[1]
+  cache_layout, win_layout = split_cache(k_layout, slots)
+  to_cache = lambda x: jnp.swapaxes(x[:, :slots], 1, 2)
+  stack = lambda x: jnp.stack([x + 100.0] + [x] + [x * 0 - 50.0] * (layers - 2))
+  kw = dict(cache_k=stack(to_cache(k)), cache_v=stack(to_cache(v)), cache_layout=cache_layout,
+            cache_index=jnp.int32(1))
+  if impl == "pallas":
+    return ba.block_diffusion_attention(q, k[:, slots:], v[:, slots:], q_layout, win_layout,
+                                        block_sizes=bs, **kw)
+  return transformer.xla_attention(q, k[:, slots:], v[:, slots:], q_layout, win_layout, **kw)
+
+
+DECODE_SHAPES = [s for s in SHAPES if s[0] == "decode"]
+
+
+@settings(max_examples=24, **HYP)
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from(DECODE_SHAPES),
+       default_tiles=st.booleans())
+def test_cache_operands_equal_attention_over_concatenated_keys(seed, shape, default_tiles):
+  """Kernel (cache tiles then window tiles, layer picked by index) and XLA path (scores against
+  cache and window apart, one softmax) equal dense attention over [cache ; window]."""
+  rng = np.random.default_rng(seed)
+  ql, kl = make_layouts(rng, shape)
+  q, k, v, _ = make_inputs(rng, shape)
+  alive = jnp.any(masks.visible(ql, kl), axis=-1)[:, :, None, None]
+  ref = attention_reference(q, k, v, ql, kl)
+  bs = None if default_tiles else ba.BlockSizes(*shape[7:9])
+  out = cached_attention(q, k, v, ql, kl, impl="pallas", bs=bs)
+  xla = jnp.where(alive, cached_attention(q, k, v, ql, kl, impl="xla"), 0)
+  assert max_err(out, ref) <= 1e-5
+  assert max_err(xla, ref) <= 1e-5
+
+
+def test_dead_cache_tiles_are_not_read():
+  """Cache slots past each row's valid end, in whole dead tiles, hold NaN: the kernel skips
+  those tiles (no DMA, no arithmetic), so the output stays finite and exact."""
+  b, w, slots, h, kv, d = 2, 8, 64, 4, 2, 16
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, k, v = f(b, w, h, d), f(b, w, kv, d), f(b, w, kv, d)
+  ck, cv = f(b, kv, slots, d), f(b, kv, slots, d)
+  ends = np.array([16, 40])  # tile-aligned (tiles of 8 slots): dead tiles are all-NaN
+  slot = np.arange(slots)
+  cache_layout = _layout(np.broadcast_to(slot // 8, (b, slots)), np.zeros((b, slots), bool),
+                         np.where(slot[None] < ends[:, None], 0, -1))
+  win = _layout(np.full((b, w), 9), np.zeros((b, w), bool), np.zeros((b, w), np.int32))
+  dead = jnp.asarray(slot[None, None, :, None] >= ends[:, None, None, None])
+  nan_k, nan_v = jnp.where(dead, jnp.nan, ck), jnp.where(dead, jnp.nan, cv)
+  out = ba.block_diffusion_attention(q, k, v, win, win, cache_k=nan_k, cache_v=nan_v,
+                                     cache_layout=cache_layout, block_sizes=ba.BlockSizes(8, 8))
+  ref = attention_reference(q, jnp.concatenate([jnp.swapaxes(ck, 1, 2), k], 1),
+                            jnp.concatenate([jnp.swapaxes(cv, 1, 2), v], 1), win,
+                            cache_layout.concat(win))
+  assert bool(jnp.all(jnp.isfinite(out)))
+  assert max_err(out, ref) <= 1e-5
+
+
+def test_cache_tile_choice():
+  assert [ba.cache_tile(n) for n in (64, 384, 512, 640, 1024, 4096)] == [64, 128, 512, 128,
+                                                                       512, 512]
+  assert ba.cache_tile(96, 32) == 32  # a requested tile that divides the cache
+  with pytest.raises(ValueError, match="kv_cache.capacity"):
+    ba.cache_tile(600)
+  assert ba.cache_tile(600, interpret=True) == 300
+
+
+def test_model_forward_against_the_cache_equals_one_forward():
+  """forward_core on a window against a cache (kv_cache layout, written by kv_cache.write)
+  equals the block-causal forward of the whole sequence, XLA and Pallas (8-slot tiles)."""
+  from llada_jax.model import kv_cache
+  from llada_jax.model.transformer import forward_core
+  config, params = llada_jax.load_hf_checkpoint(os.path.join(FIXTURES, "llada2_tiny"))
+  rng = np.random.default_rng(0)
+  bl, n_cache, b = 4, 12, 2
+  tokens = jnp.asarray(rng.integers(0, 500, (b, n_cache + bl)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(n_cache + bl, dtype=jnp.int32), tokens.shape)
+  full = forward_core(params, config, tokens, pos, masks.block_causal(pos, bl))
+  slots = kv_cache.capacity(n_cache + bl)
+  pre = forward_core(params, config, tokens[:, :n_cache], pos[:, :n_cache],
+                     masks.block_causal(pos[:, :n_cache], bl), with_logits=False)
+  cache = kv_cache.write(kv_cache.init_cache(config, b, slots), pre.kv, jnp.zeros(b, jnp.int32))
+  slot = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
+  cache_layout = masks.Layout(slot // bl, jnp.zeros((b, slots), bool),
+                              jnp.where(slot < n_cache, 0, -1))
+  for impl in ("xla", "pallas_tiles8"):
+    if impl == "pallas_tiles8":
+      register_attention(impl, functools.partial(ba.block_diffusion_attention,
+                                                 block_sizes=ba.BlockSizes(8, 8)))
+    try:
+      win = forward_core(params, config, tokens[:, n_cache:], pos[:, n_cache:],
+                         masks.block_causal(pos[:, n_cache:], bl), cache=cache,
+                         cache_layout=cache_layout, attention_impl=impl)
+    finally:
+      transformer.ATTENTION_IMPLS.pop("pallas_tiles8", None)
+    assert max_err(win.logits, full.logits[:, n_cache:]) <= 1e-4, impl
+
+
+def test_cache_write_in_place_semantics():
+  """kv_cache.write: each row's block at its own start (clamped), rows=False keep theirs."""
+  from llada_jax.model import kv_cache
+  rng = np.random.default_rng(0)
+  old = jnp.asarray(rng.standard_normal((2, 3, 2, 16, 4)), jnp.float32)
+  new = jnp.asarray(rng.standard_normal((2, 3, 4, 2, 4)), jnp.float32)
+  start, rows = jnp.array([0, 5, 14]), jnp.array([True, False, True])
+  got = np.asarray(kv_cache.write({"s": {"k": old}}, {"s": {"k": new}}, start, rows)["s"]["k"])
+  want = np.array(old)
+  for r, s0 in enumerate([0, 5, 12]):  # 14 clamps to 16 - 4
+    if rows[r]:
+      want[:, r, :, s0:s0 + 4] = np.swapaxes(np.asarray(new[:, r]), 1, 2)
+  np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
 # The model with attention_impl="pallas".
 # ---------------------------------------------------------------------------------------------
 
@@ -331,6 +460,25 @@ def test_tpu_export_inference(context):
   text = _export_tpu(fn, s((1, 32, 16, 128), jnp.bfloat16), s((1, tk, 4, 128), jnp.bfloat16),
                      s((1, tk, 4, 128), jnp.bfloat16), _spec_layout(1, 32), _spec_layout(1, tk))
   assert text.count("tpu_custom_call") == 1
+
+
+@pytest.mark.parametrize("context", [4096, 32768])
+def test_tpu_export_inference_against_the_cache(context):
+  """Decode step with the cache as operands: 20 stacked layers `[L, B, KV, S, d]` read by layer
+  index; one Mosaic kernel, and the cache is neither concatenated, padded nor transposed."""
+  s = jax.ShapeDtypeStruct
+  cache = s((20, 1, 4, context, 128), jnp.bfloat16)
+
+  def fn(q, k, v, ql, kl, ck, cv, cl, layer):
+    return ba.block_diffusion_attention(q, k, v, ql, kl, cache_k=ck, cache_v=cv,
+                                        cache_layout=cl, cache_index=layer, interpret=False)
+  text = _export_tpu(fn, s((1, 32, 16, 128), jnp.bfloat16), s((1, 32, 4, 128), jnp.bfloat16),
+                     s((1, 32, 4, 128), jnp.bfloat16), _spec_layout(1, 32), _spec_layout(1, 32),
+                     cache, cache, _spec_layout(1, context), s((), jnp.int32))
+  assert text.count("tpu_custom_call") == 1
+  big = [line for line in text.splitlines() if f"x{context}x128x" in line
+         and any(op in line for op in ("concatenate", "pad", "transpose", "dynamic_slice"))]
+  assert not big, big
 
 
 @pytest.mark.parametrize("context", [4096, 32768])

@@ -97,6 +97,33 @@ def test_tpu_lowering_under_an_abstract_mesh(spec, heads, kv):
   assert text.count("@tpu_custom_call(") == 3 and "sdy.manual_computation" in text
 
 
+@pytest.mark.parametrize("spec, heads, kv", [("data=2,fsdp=2,expert=2,tensor=2", 4, 2),
+                                             ("fsdp=4,tensor=4", 8, 2),
+                                             ("data=2,tensor=2", 6, 3)])
+def test_tpu_lowering_against_the_cache_under_an_abstract_mesh(spec, heads, kv):
+  """The decode kernel with the stacked cache as operands lowers inside shard_map ("kv",
+  "group" and "gather" head modes) and nothing slices, pads or transposes the cache."""
+  mesh = parallel.make_abstract_mesh(spec)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+  lay = lambda t: masks.Layout(s((8, t), jnp.int32), s((8, t), jnp.bool_), s((8, t), jnp.int32))
+  cache = s((3, 8, kv, 512, 128), jnp.bfloat16)
+
+  def fn(q, k, v, ql, kl, ck, cv, cl, i):
+    return ba.pallas_tpu_attention(q, k, v, ql, kl, cache_k=ck, cache_v=cv, cache_layout=cl,
+                                   cache_index=i)
+  with jax.sharding.use_abstract_mesh(mesh):
+    exp = jax.export.export(jax.jit(fn), platforms=("tpu",))(
+        s((8, 32, heads, 128), jnp.bfloat16), s((8, 32, kv, 128), jnp.bfloat16),
+        s((8, 32, kv, 128), jnp.bfloat16), lay(32), lay(32), cache, cache, lay(512),
+        s((), jnp.int32))
+  text = exp.mlir_module()
+  assert text.count("@tpu_custom_call(") == 1 and "sdy.manual_computation" in text
+  big = [line for line in text.splitlines() if "x512x128x" in line and any(
+      op in line for op in ("concatenate", "pad", "transpose", "dynamic_slice", "gather"))]
+  assert not big, big
+
+
 def test_no_mesh_calls_the_kernel_directly():
   assert sa.context_mesh() is None
   calls = []
@@ -144,6 +171,9 @@ def test_sharded_kernel_matches_unsharded_xla():
       assert r["shard_map"], case
       modes.add(r["head_mode"])
   assert modes == {"none", "kv", "group", "gather", "replicate"}
+  cache_modes = {r["head_mode"] for case, r in res.items() if "|cache|" in case}
+  assert cache_modes == {"none", "kv", "group", "gather", "replicate"}
+  assert all(r["shard_map"] for case, r in res.items() if "|cache|" in case)
   assert res["data=2,expert=4|causal|B=3,Tq=16,Tk=16,H=4,KV=2"]["batch_axes"] == []
   assert res["data=2,expert=4|decode|B=4,Tq=8,Tk=24,H=4,KV=2"]["batch_axes"] == ["data"]
   assert res["explicit data=2,expert=2,tensor=2"]["out_spec"] == (

@@ -133,8 +133,8 @@ def test_activation_specs():
   assert parallel.activation_spec("tokens", (8, 16), sizes) == P(("data", "fsdp", "expert"))
   assert parallel.activation_spec("logits", (8, 16, 512), sizes) == P(
       ("data", "fsdp", "expert"), None, "tensor")
-  assert parallel.activation_spec("kv_cache", (3, 4, 32, 2, 16), sizes) == P(
-      None, ("data", "fsdp"), None, "tensor")
+  assert parallel.activation_spec("kv_cache", (3, 4, 2, 32, 16), sizes) == P(
+      None, ("data", "fsdp"), "tensor")
   with pytest.raises(ValueError, match="unknown activation kind"):
     parallel.activation_spec("nope", (1,), sizes)
 

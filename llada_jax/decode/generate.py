@@ -189,6 +189,27 @@ def _cache_layout(batch: int, length: int, valid_end: jax.Array, block_length: i
   return masks.Layout(slots // block_length, jnp.zeros((batch, length), bool), seg)
 
 
+def _constrain_cache(cache: dict) -> dict:
+  """Under a multi-device context mesh, the cache's sharding from the default rules (`kv_cache`:
+  rows over the batch axes, KV heads over `tensor`; what the Pallas attention's `shard_map`
+  expects), so that GSPMD does not pick one for the zeros (e.g. split along the slots)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  auto = jax.sharding.AxisType.Auto
+  if mesh.empty or mesh.size == 1 or any(t != auto for t in mesh.axis_types):
+    return cache  # (Explicit / Manual axes: the cache follows its inputs' shardings)
+  from llada_jax import parallel  # noqa: PLC0415 (parallel imports the model)
+  return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(
+      x, parallel.activation_spec("kv_cache", x.shape, mesh)), cache)
+
+
+def _cond_or_zeros(pred: jax.Array, fn):
+  """`fn(None)` when `pred`, else zeros of its result: a `lax.cond` whose results are only what
+  `fn` computes (its operands, e.g. the KV cache or the canvas, are read, never returned)."""
+  zeros = lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                           jax.eval_shape(fn, None))
+  return jax.lax.cond(pred, fn, zeros, None)
+
+
 def _eos_in(canvas_pos_tokens, lo, hi, eos_id):
   """Any EOS at canvas positions [lo, hi) per row. canvas_pos_tokens `[B, T]` (unpadded)."""
   pos = jnp.arange(canvas_pos_tokens.shape[1])[None]
@@ -210,21 +231,26 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
   num_blocks = (prompt_len + spec.gen_length + bl - 1) // bl
 
   # Prefill: every prompt block before first_block, block-causally, into the cache.
-  cache = kv_cache.init_cache(c, batch, t)
+  cache_slots = kv_cache.capacity(t)  # [L, B, KV, S, d] leaves, S >= t (kernel tiles divide it)
+  cache = _constrain_cache(kv_cache.init_cache(c, batch, cache_slots))
   prefill_len = spec.prompt_bucket
   pre_tokens = canvas0[:, :prefill_len]
   pre_pos = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), pre_tokens.shape)
   pre_seg = jnp.where(pre_pos < (first_block * bl)[:, None], 0, -1)
   has_prefill = jnp.any(first_block > 0)
 
-  def prefill(cache):
+  def prefill(_):
     # Only the prompt's full blocks matter; later slots are overwritten before they are valid.
     out = fwd(params, c, pre_tokens, pre_pos, masks.block_causal(pre_pos, bl, pre_seg),
               with_logits=False)
-    return kv_cache.write(cache, out.kv, jnp.zeros((batch,), jnp.int32))
+    return out.kv
 
   if spec.use_cache:
-    cache = jax.lax.cond(has_prefill, prefill, lambda x: x, cache)
+    # The conditional forwards return only K/V (or logits) and leave the cache out of their
+    # results: a cache that went through a `lax.cond` would be copied (XLA gives each branch
+    # result its own buffer); the writes below run unconditionally, in place.
+    kv = _cond_or_zeros(has_prefill, prefill)
+    cache = kv_cache.write(cache, kv, jnp.zeros((batch,), jnp.int32))
   else:
     cache = {}
 
@@ -288,17 +314,22 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
     leaving = new_block - w  # block that leaves the window on this advance
     commit_rows = finish & ~done & (leaving >= cr.first_block)
 
-    def commit(cache):
-      start = jnp.maximum(leaving, 0) * bl
-      toks = _slice_rows(flat, start, bl)
-      cpos = start[:, None] + jnp.arange(bl, dtype=jnp.int32)[None]
+    commit_start = jnp.maximum(leaving, 0) * bl
+
+    def commit(_):
+      toks = _slice_rows(flat, commit_start, bl)
+      cpos = commit_start[:, None] + jnp.arange(bl, dtype=jnp.int32)[None]
       lay = masks.block_causal(cpos, bl)
-      out = fwd(cr.params, c, toks, cpos, lay, cache=cache,
-                cache_layout=_cache_layout(batch, t, start, bl), with_logits=False)
-      return kv_cache.write(cache, out.kv, start, commit_rows)
+      out = fwd(cr.params, c, toks, cpos, lay, cache=cr.cache,
+                cache_layout=_cache_layout(batch, cache_slots, commit_start, bl),
+                with_logits=False)
+      return out.kv
 
     if spec.use_cache:
-      cache = jax.lax.cond(jnp.any(commit_rows), commit, lambda x: x, cr.cache)
+      # K/V of the leaving blocks (zeros when no row commits), then an in-place write where
+      # rows that do not commit write back their old block.
+      kv = _cond_or_zeros(jnp.any(commit_rows), commit)
+      cache = kv_cache.write(cr.cache, kv, commit_start, commit_rows)
     else:
       cache = cr.cache
     if spec.stream:
@@ -313,16 +344,30 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
     def step(cr: Carry) -> Carry:
       active = ~cr.done
       tokens, pos, live, start = window_of(cr)
-      if spec.use_cache:
+      def window_forward(canvas):
+        """(the window's logits, its tokens)."""
+        tokens = window_of(cr.replace(canvas=canvas))[0]
+        if not spec.use_cache:
+          return _recompute_window_logits(cr, tokens, start, live), tokens
         cache_end = jnp.maximum(cr.block - (w - 1), cr.first_block) * bl
         seg = jnp.where(live, 0, -1).astype(jnp.int32)
         lay = masks.Layout(jnp.broadcast_to(cr.block[:, None], pos.shape),
                            jnp.zeros(pos.shape, bool), seg)
         out = fwd(cr.params, c, tokens, jnp.maximum(pos, 0), lay, cache=cr.cache,
-                  cache_layout=_cache_layout(batch, t, cache_end, bl))
-        logits = out.logits
-      else:
-        logits = _recompute_window_logits(cr, tokens, start, live)
+                  cache_layout=_cache_layout(batch, cache_slots, cache_end, bl))
+        return out.logits, tokens
+
+      def skipped(canvas):
+        zeros = jax.eval_shape(window_forward, canvas)[0]
+        return (jnp.zeros(zeros.shape, zeros.dtype), window_of(cr.replace(canvas=canvas))[0])
+
+      # Only the forward is conditional (skipped once every row is done): the step runs
+      # unconditionally so that the canvas is written in place below (a carry that went
+      # through a `lax.cond` is copied). The window's tokens come out of the conditional (read
+      # in both branches), so every later use reads that [B, W] buffer: XLA would otherwise
+      # fuse re-reads of the old canvas into consumers not ordered before the write (the
+      # fill / edit counts) and copy the canvas to keep it alive.
+      logits, tokens = jax.lax.cond(jnp.any(active), window_forward, skipped, cr.canvas)
       step_keys = jax.vmap(jax.random.fold_in)(cr.keys, cr.nfe)
       tok, conf = sampler(logits, step_keys, knobs.temperature, knobs.top_k, knobs.top_p,
                           greedy=spec.greedy)
@@ -373,7 +418,7 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
           edits=cr.edits + jnp.sum(t2t, -1).astype(jnp.int32),
           traj_start=ts, traj_tokens=tt, traj_fill=tf, traj_edit=te)
 
-    cr = jax.lax.cond(jnp.any(~cr.done), step, lambda x: x, cr)
+    cr = step(cr)  # rows that are done change nothing; the window forward is skipped
     return cr.replace(iteration=cr.iteration + 1)
 
   cr = jax.lax.while_loop(cond, body, carry)

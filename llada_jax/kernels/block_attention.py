@@ -2,7 +2,8 @@
 
 One kernel covers every LLaDA2 mask (SPEC 3) because visibility is computed from the per-token
 ids of `masks.Layout` (block, noisy, segment), the single source of the mask rules:
-  inference   queries = the active block / MBE window, keys = KV-cache slots + the window;
+  inference   queries = the active block / MBE window, keys = KV-cache slots + the window
+              (the cache as its own K/V operands, read in place: see "KV cache" below);
   training    the 2L layout [x_t ; x_0] with document (segment) masks;
   plain       block-causal or bidirectional forwards.
 
@@ -33,13 +34,23 @@ Kernel layouts (after the wrapper pads and transposes):
   k ids          [B, 16, Tk] int32: sublanes 0-7 = 2 * block + noisy, 8-15 = segment
 Only tile-aligned slices of the id blocks are taken in-kernel (lane / sublane offset 0).
 
+KV cache (decoding, forward only): `cache_k`, `cache_v` `[L, B, KV, S, d]` (the layout of
+`model.kv_cache`: the whole stacked cache of a layer stack, `cache_index` the layer) are a
+second pair of K/V operands next to the window's k, v. The k-tile loop runs over the cache
+tiles (`block_k_cache` slots each, a divisor of S) and then the window tiles, each step reading
+from the ref its tile belongs to; one plan covers both (cache tiles classified against
+`cache_layout`, dead slots -> SKIP, no DMA). The layer and KV head of a cache tile are chosen
+by the index map (scalar prefetch), so nothing of the cache is sliced, concatenated, padded or
+transposed outside the kernel: a decode step reads the live cache tiles once per layer.
+
 Meshes: with a multi-device mesh in context (`jax.set_mesh`, or an abstract mesh for export)
 the kernel runs inside `jax.shard_map`, batch split over the batch axes and heads over `tensor`
 (`sharded_attention.shard_attention`): Mosaic calls cannot be partitioned by GSPMD.
 
-Limits: the step tables live in SMEM (1 MiB on TPU): 4 * B * nq * nk bytes per kernel, e.g.
-256 KiB per batch row for the 2L layout of a 32k context with the default tiles (a warning is
-issued above 512 KiB). Ids must satisfy |block| < 2^30.
+Limits: no gradients with cache operands (decoding only). The step tables live in SMEM (1 MiB
+on TPU): 4 * B * nq * nk bytes per kernel, e.g. 256 KiB per batch row for the 2L layout of a
+32k context with the default tiles (a warning is issued above 512 KiB). Ids must satisfy
+|block| < 2^30.
 """
 
 from __future__ import annotations
@@ -74,14 +85,19 @@ class BlockSizes:
 
   block_q: int
   block_k: int
+  block_k_cache: int | None = None  # cache tile (slots); None: `cache_tile` picks one
 
   @classmethod
   def default(cls, q_len: int, k_len: int, dtype=jnp.float32, groups: int = 1) -> "BlockSizes":
     """About 512 stacked query rows (G heads x block_q) and 512 keys per tile: the float32
-    score tile is 1 MiB, well inside the default VMEM budget with double-buffered inputs."""
+    score tile is 1 MiB, well inside the default VMEM budget with double-buffered inputs.
+    Up to 128 keys (a decode window, a short prompt) are one whole-axis tile padded to the
+    sublane multiple only, not to 128 lanes: no padded copy larger than the keys."""
     sub = 16 if jnp.dtype(dtype).itemsize < 4 else NUM_SUBLANES
     block_q = max(sub, min(256, (512 // groups) // sub * sub))
     block_q = min(block_q, _round_up(q_len, sub))
+    if k_len <= NUM_LANES:
+      return cls(block_q, _round_up(k_len, sub))
     block_k = min(512, _round_up(k_len, NUM_LANES))
     return cls(block_q, block_k)
 
@@ -96,10 +112,28 @@ class _Cfg:
   num_k_tiles: int
   scale: float
   interpret: object  # False, True, or a pltpu.InterpretParams
+  num_cache_tiles: int = 0  # with cache operands: the first num_cache_tiles k tiles are cache
+  block_kc: int = 0  # ... of block_kc slots; the window's tiles follow (block_k each)
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
+
+
+def cache_tile(slots: int, preferred: int | None = None, interpret=False) -> int:
+  """Slots per cache key tile for a cache of `slots` slots: `preferred` if it divides them,
+  else the largest of 512, 256, 128 that does, else the whole cache up to 512 slots (a block
+  equal to the full axis is allowed on TPU); in interpret mode any divisor. `kv_cache.capacity`
+  allocates slot counts that always have one."""
+  for t in ([preferred] if preferred else []) + [512, 256, 128]:
+    if slots % t == 0 and (t % NUM_LANES == 0 or t == preferred or interpret is not False):
+      return t
+  if slots <= 512:
+    return slots
+  if interpret is not False:
+    return max(t for t in range(1, 513) if slots % t == 0)
+  raise ValueError(f"a KV cache of {slots} slots has no key tile (a multiple of 128 up to 512 "
+                   "dividing it): allocate kv_cache.capacity(length) slots")
 
 
 def default_interpret() -> bool:
@@ -240,52 +274,84 @@ def _step(plan_ref, b, i, j, n_i: int, n_j: int):
 # Forward kernel.
 # ----------------------------------------------------------------------------------------------
 
+def _init_softmax(m_sc, l_sc, acc_sc):
+  m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+  l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+  acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def _accumulate(q_ref, k_ref, v_ref, qid_ref, kid_ref, m_sc, l_sc, acc_sc, masked: bool,
+                cfg: _Cfg):
+  """One online-softmax step of the stacked query rows against one K/V tile."""
+  g, bq, d = q_ref.shape
+  rows = g * bq
+  q = q_ref[...].reshape(rows, d)
+  s = lax.dot_general(q, k_ref[...], NT_DIMS, preferred_element_type=jnp.float32)
+  s = s * cfg.scale
+  vis = _tile_visible(qid_ref, kid_ref) if masked else None
+  if masked:
+    s = _where_rows(vis, s, NEG_INF, g)
+  m_prev = m_sc[...]
+  m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+  p = jnp.exp(s - _lanes(m_next, s.shape[1]))
+  if masked:  # rows with nothing visible so far would otherwise get exp(0) = 1
+    p = _where_rows(vis, p, 0.0, g)
+  alpha = jnp.exp(m_prev - m_next)
+  l_sc[...] = alpha * l_sc[...] + p.sum(axis=-1, keepdims=True)
+  m_sc[...] = m_next
+  pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], NN_DIMS,
+                       preferred_element_type=jnp.float32)
+  acc_sc[...] = _lanes(alpha, d) * acc_sc[...] + pv
+
+
+def _finalize_softmax(o_ref, lse_ref, m_sc, l_sc, acc_sc):
+  """Writes o (and the log-sum-exp when `lse_ref` is given) from the online-softmax state."""
+  g, bq, d = o_ref.shape
+  l, m = l_sc[...], m_sc[...]
+  dead = l == 0.0
+  safe_l = jnp.where(dead, 1.0, l)
+  o = acc_sc[...] / _lanes(safe_l, d)
+  o_ref[...] = o.reshape(g, bq, d).astype(o_ref.dtype)
+  if lse_ref is not None:
+    lse = jnp.where(dead, DEAD_LSE, m + jnp.log(safe_l))
+    lse_ref[...] = lse.reshape(g, bq, NUM_LANES)
+
+
 def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref,
                 m_sc, l_sc, acc_sc, *, cfg: _Cfg):
   """One (batch, kv head, q tile, step) grid point. q_ref `[G, bq, d]`, k/v `[bk, d]`,
   scratch m/l `[G*bq, 128]`, acc `[G*bq, d]` (float32 online-softmax state)."""
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   _, kind = _step(plan_ref, b, i, j, cfg.num_q_tiles, cfg.num_k_tiles)
-  g, bq, d = q_ref.shape
-  rows = g * bq
+  state = (m_sc, l_sc, acc_sc)
+  pl.when(j == 0)(lambda: _init_softmax(*state))
+  acc = functools.partial(_accumulate, q_ref, k_ref, v_ref, qid_ref, kid_ref, *state, cfg=cfg)
+  pl.when(kind == FULL)(lambda: acc(False))
+  pl.when(kind == PARTIAL)(lambda: acc(True))
+  pl.when(j == cfg.num_k_tiles - 1)(lambda: _finalize_softmax(o_ref, lse_ref, *state))
 
-  @pl.when(j == 0)
-  def _init():
-    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  def accumulate(masked: bool):
-    q = q_ref[...].reshape(rows, d)
-    s = lax.dot_general(q, k_ref[...], NT_DIMS, preferred_element_type=jnp.float32)
-    s = s * cfg.scale
-    vis = _tile_visible(qid_ref, kid_ref) if masked else None
-    if masked:
-      s = _where_rows(vis, s, NEG_INF, g)
-    m_prev = m_sc[...]
-    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-    p = jnp.exp(s - _lanes(m_next, s.shape[1]))
-    if masked:  # rows with nothing visible so far would otherwise get exp(0) = 1
-      p = _where_rows(vis, p, 0.0, g)
-    alpha = jnp.exp(m_prev - m_next)
-    l_sc[...] = alpha * l_sc[...] + p.sum(axis=-1, keepdims=True)
-    m_sc[...] = m_next
-    pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], NN_DIMS,
-                         preferred_element_type=jnp.float32)
-    acc_sc[...] = _lanes(alpha, d) * acc_sc[...] + pv
-
-  pl.when(kind == FULL)(lambda: accumulate(False))
-  pl.when(kind == PARTIAL)(lambda: accumulate(True))
-
-  @pl.when(j == cfg.num_k_tiles - 1)
-  def _finalize():
-    l, m = l_sc[...], m_sc[...]
-    dead = l == 0.0
-    safe_l = jnp.where(dead, 1.0, l)
-    o = acc_sc[...] / _lanes(safe_l, d)
-    o_ref[...] = o.reshape(g, bq, d).astype(o_ref.dtype)
-    lse = jnp.where(dead, DEAD_LSE, m + jnp.log(safe_l))
-    lse_ref[...] = lse.reshape(g, bq, NUM_LANES)
+def _fwd_cache_kernel(plan_ref, last_ref, layer_ref, heads_ref, q_ref, ck_ref, cv_ref, k_ref,
+                      v_ref, qid_ref, ckid_ref, kid_ref, o_ref, m_sc, l_sc, acc_sc, *,
+                      cfg: _Cfg):
+  """The forward with the KV cache as separate operands: steps over cache tiles (ck/cv
+  `[block_kc, d]`, ids ckid) then window tiles (k/v `[block_k, d]`, ids kid), in the plan's
+  order; each step accumulates from the refs of its tile's source."""
+  del last_ref, layer_ref, heads_ref  # used by the index maps
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  tile, kind = _step(plan_ref, b, i, j, cfg.num_q_tiles, cfg.num_k_tiles)
+  in_cache = tile < cfg.num_cache_tiles
+  state = (m_sc, l_sc, acc_sc)
+  pl.when(j == 0)(lambda: _init_softmax(*state))
+  from_cache = functools.partial(_accumulate, q_ref, ck_ref, cv_ref, qid_ref, ckid_ref, *state,
+                                 cfg=cfg)
+  from_window = functools.partial(_accumulate, q_ref, k_ref, v_ref, qid_ref, kid_ref, *state,
+                                  cfg=cfg)
+  pl.when((kind == FULL) & in_cache)(lambda: from_cache(False))
+  pl.when((kind == PARTIAL) & in_cache)(lambda: from_cache(True))
+  pl.when((kind == FULL) & ~in_cache)(lambda: from_window(False))
+  pl.when((kind == PARTIAL) & ~in_cache)(lambda: from_window(True))
+  pl.when(j == cfg.num_k_tiles - 1)(lambda: _finalize_softmax(o_ref, None, *state))
 
 
 def _compiler_params():
@@ -324,6 +390,56 @@ def _forward(q, k, v, q_ids, k_ids, plan, cfg: _Cfg):
       interpret=cfg.interpret,
       name="block_diffusion_attention_fwd",
   )(plan, q, k, v, q_ids, k_ids)
+
+
+def _forward_cached(q, ck, cv, k, v, q_ids, ck_ids, k_ids, plan, last, layer, heads,
+                    cfg: _Cfg):
+  """Kernel-layout forward against the cache: q `[B, KVg, G, Tq, d]`, ck/cv `[L, B, KVc, S, d]`
+  (read in place: layer `layer[0]`, KV head `heads[h]` for grid head h), k/v
+  `[B, KVg, Tw, d]`, ids as in `_forward` (ck_ids `[B, 16, S]`), plan over nkc + nkw k tiles,
+  last `[B * nq]` the last live cache tile per q tile. Returns o `[B, KVg, G, Tq, d]`."""
+  batch, kvh, g, tq, d = q.shape
+  bq, bk, bkc = cfg.block_q, cfg.block_k, cfg.block_kc
+  nq, ns, nkc = cfg.num_q_tiles, cfg.num_k_tiles, cfg.num_cache_tiles
+
+  def tile(b, i, j, plan_ref):
+    return _step(plan_ref, b, i, j, nq, ns)[0]
+
+  def cache_tile_of(b, i, j, plan_ref, last_ref):
+    # Window steps keep the last live cache tile resident: no DMA for the cache then.
+    t = tile(b, i, j, plan_ref)
+    return jnp.where(t < nkc, t, last_ref[b * nq + i])
+
+  def window_tile_of(b, i, j, plan_ref):
+    # Cache steps keep window tile 0 resident (fetched once per q tile).
+    return jnp.maximum(tile(b, i, j, plan_ref) - nkc, 0)
+
+  q_spec = pl.BlockSpec((None, None, g, bq, d), lambda b, h, i, j, p, l, ly, hd: (b, h, 0, i, 0))
+  c_spec = pl.BlockSpec((None, None, None, bkc, d), lambda b, h, i, j, p, l, ly, hd: (
+      ly[0], b, hd[h], cache_tile_of(b, i, j, p, l), 0))
+  w_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, p, l, ly, hd: (
+      b, h, window_tile_of(b, i, j, p), 0))
+  qid_spec = pl.BlockSpec((None, bq, 2 * NUM_LANES), lambda b, h, i, j, p, l, ly, hd: (b, i, 0))
+  cid_spec = pl.BlockSpec((None, 2 * NUM_SUBLANES, bkc), lambda b, h, i, j, p, l, ly, hd: (
+      b, 0, cache_tile_of(b, i, j, p, l)))
+  wid_spec = pl.BlockSpec((None, 2 * NUM_SUBLANES, bk), lambda b, h, i, j, p, l, ly, hd: (
+      b, 0, window_tile_of(b, i, j, p)))
+  rows = g * bq
+  return pl.pallas_call(
+      functools.partial(_fwd_cache_kernel, cfg=cfg),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(batch, kvh, nq, ns),
+          in_specs=[q_spec, c_spec, c_spec, w_spec, w_spec, qid_spec, cid_spec, wid_spec],
+          out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((rows, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((rows, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((rows, d), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(),
+      interpret=cfg.interpret,
+      name="block_diffusion_attention_cache_fwd",
+  )(plan, last, layer, heads, q, ck, cv, k, v, q_ids, ck_ids, k_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,8 +597,10 @@ def _attend_bwd(cfg, res, do):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _check_tiles(bs: BlockSizes, batch: int, tq: int, tk: int, dtype, interpret) -> None:
-  """TPU constraints on the tiles (padded lengths tq, tk), and the SMEM size of a step table."""
+def _check_tiles(bs: BlockSizes, batch: int, tq: int, tk: int, dtype, interpret,
+                 extra_k_tiles: int = 0) -> None:
+  """TPU constraints on the tiles (padded lengths tq, tk), and the SMEM size of a step table
+  (`extra_k_tiles`: the cache's k tiles, stepped before the window's)."""
   if interpret is not False:
     return
   sub = 16 if jnp.dtype(dtype).itemsize < 4 else NUM_SUBLANES
@@ -490,58 +608,102 @@ def _check_tiles(bs: BlockSizes, batch: int, tq: int, tk: int, dtype, interpret)
     raise ValueError(f"block_q={bs.block_q} must be a multiple of {sub} on TPU")
   if bs.block_k % NUM_LANES and bs.block_k != tk:
     raise ValueError(f"block_k={bs.block_k} must be a multiple of {NUM_LANES} on TPU")
-  plan_bytes = 4 * batch * (tq // bs.block_q) * (tk // bs.block_k)
+  plan_bytes = 4 * batch * (tq // bs.block_q) * (tk // bs.block_k + extra_k_tiles)
   if plan_bytes > SMEM_PLAN_BUDGET:
     warnings.warn(f"the attention step table takes {plan_bytes} bytes of SMEM (1 MiB on TPU); "
                   "use larger tiles or split the batch", stacklevel=3)
 
 
 def block_diffusion_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: masks.Layout,
-                              k_layout: masks.Layout, *, block_sizes: BlockSizes | None = None,
-                              interpret=None, mesh=None) -> jax.Array:
+                              k_layout: masks.Layout, *, cache_k: jax.Array | None = None,
+                              cache_v: jax.Array | None = None,
+                              cache_layout: masks.Layout | None = None, cache_index=None,
+                              block_sizes: BlockSizes | None = None, interpret=None,
+                              mesh=None) -> jax.Array:
   """Grouped-query block-diffusion attention with the mask `masks.visible(q_layout, k_layout)`.
 
   Args:
     q: `[B, Tq, H, d]`; k, v: `[B, Tk, KV, d]`, H a multiple of KV (head h uses KV head
       h // (H // KV)). q_layout: Layout `[B, Tq]`; k_layout: Layout `[B, Tk]`.
-    block_sizes: tile sizes; default `BlockSizes.default` of each device's piece.
+    cache_k, cache_v: optional KV cache, keys before k: `[L, B, KV, S, d]` with `cache_index`
+      the layer (int32 scalar), or `[B, KV, S, d]`; read in place by the kernel (see the module
+      doc). cache_layout: Layout `[B, S]` of the slots. Forward only (no gradients).
+    block_sizes: tile sizes; default `BlockSizes.default` of each device's piece (cache tiles:
+      `cache_tile`).
     interpret: None = automatic (interpret mode unless the backend is TPU), a bool, or a
       `pltpu.InterpretParams` (simulated TPU: DMA, semaphores, race detection).
     mesh: None = the context mesh (`jax.set_mesh`): with more than one device the kernel runs
       inside `jax.shard_map`, batch and heads split (`sharded_attention.shard_attention`).
-  Returns: `[B, Tq, H, d]` in q.dtype; differentiable in q, k, v (Pallas backward kernels).
+  Returns: `[B, Tq, H, d]` in q.dtype; differentiable in q, k, v (Pallas backward kernels) when
+  there is no cache.
   """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
   local = functools.partial(_local_attention, block_sizes=block_sizes, interpret=interpret)
-  return shard_attention(local, q, k, v, q_layout, k_layout, mesh=mesh)
+  cache = None
+  if cache_k is not None:
+    if cache_layout is None:
+      raise ValueError("cache_k needs its cache_layout")
+    if cache_k.ndim == 4:  # one layer: a leading axis of 1 (a reshape, no copy)
+      cache_k, cache_v, cache_index = cache_k[None], cache_v[None], 0
+    if cache_k.shape[2] != k.shape[2] or cache_k.shape[4] != k.shape[3]:
+      raise ValueError(f"cache {cache_k.shape} does not match keys {k.shape}: expected "
+                       "[L, B, KV, S, d]")
+    index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+    cache = dict(cache_k=cache_k, cache_v=cache_v, cache_layout=cache_layout, cache_index=index)
+  return shard_attention(local, q, k, v, q_layout, k_layout, mesh=mesh, cache=cache)
 
 
 def _local_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout, *,
-                     block_sizes: BlockSizes | None, interpret) -> jax.Array:
+                     block_sizes: BlockSizes | None, interpret, cache_k=None, cache_v=None,
+                     cache_layout=None, cache_index=None, cache_heads=None) -> jax.Array:
   """`block_diffusion_attention` on one device (no mesh): q `[B, Tq, H, d]`, k/v
-  `[B, Tk, KV, d]`, layouts `[B, T]` -> `[B, Tq, H, d]`."""
+  `[B, Tk, KV, d]`, layouts `[B, T]` -> `[B, Tq, H, d]`. With a cache (`[L, B, KVc, S, d]`,
+  `cache_index` a scalar): `cache_heads` `[KV]` int32 maps the kernel's KV heads to the cache's
+  (None: the same heads; `shard_attention` passes it when the cache's heads are not split)."""
   batch, tq, h, d = q.shape
   tk, kvh = k.shape[1], k.shape[2]
   g = h // kvh
   bs = block_sizes or BlockSizes.default(tq, tk, q.dtype, g)
   interpret = default_interpret() if interpret is None else interpret
   tq_pad, tk_pad = _round_up(tq, bs.block_q), _round_up(tk, bs.block_k)
-  _check_tiles(bs, batch, tq_pad, tk_pad, q.dtype, interpret)
-  cfg = _Cfg(block_q=bs.block_q, block_k=bs.block_k, num_q_tiles=tq_pad // bs.block_q,
-             num_k_tiles=tk_pad // bs.block_k, scale=float(d) ** -0.5,
-             interpret=interpret)
+  nq, nk = tq_pad // bs.block_q, tk_pad // bs.block_k
+  cached = cache_k is not None
+  if cached:
+    slots = cache_k.shape[3]
+    preferred = bs.block_k_cache or (bs.block_k if block_sizes is not None else None)
+    bkc = cache_tile(slots, preferred, interpret)
+    nkc = slots // bkc
+  else:
+    bkc = nkc = 0
+  _check_tiles(bs, batch, tq_pad, tk_pad, q.dtype, interpret, extra_k_tiles=nkc)
+  cfg = _Cfg(block_q=bs.block_q, block_k=bs.block_k, num_q_tiles=nq, num_k_tiles=nkc + nk,
+             scale=float(d) ** -0.5, interpret=interpret, num_cache_tiles=nkc, block_kc=bkc)
 
   q_id3, k_id3 = _pad_ids(q_layout, tq_pad), _pad_ids(k_layout, tk_pad)
   kinds = classify_tiles(q_id3, k_id3, bs.block_q, bs.block_k)
-  plan, plan_t = make_plan(kinds), make_plan(jnp.swapaxes(kinds, 1, 2))
   q_ids, k_ids = _kernel_ids(q_id3, NUM_LANES, -1), _kernel_ids(k_id3, NUM_SUBLANES, 1)
 
   pad_t = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   q5 = pad_t(q, tq_pad).reshape(batch, tq_pad, kvh, g, d).transpose(0, 2, 3, 1, 4)
   k4 = pad_t(k, tk_pad).transpose(0, 2, 1, 3)
   v4 = pad_t(v, tk_pad).transpose(0, 2, 1, 3)
-  o5 = _attend(q5, k4, v4, q_ids, k_ids, plan, plan_t, cfg)
+  if cached:
+    c_id3 = _pad_ids(cache_layout, slots)
+    c_kinds = classify_tiles(q_id3, c_id3, bs.block_q, bkc)  # [B, nq, nkc]
+    kinds = jnp.concatenate([c_kinds, kinds], axis=-1)  # cache tiles, then window tiles
+    steps = jnp.arange(nkc, dtype=jnp.int32)
+    last = jnp.max(jnp.where(c_kinds != SKIP, steps, 0), axis=-1).reshape(-1).astype(jnp.int32)
+    heads = (jnp.arange(kvh, dtype=jnp.int32) if cache_heads is None
+             else jnp.asarray(cache_heads, jnp.int32))
+    layer = jnp.reshape(jnp.asarray(cache_index, jnp.int32), (1,))
+    ck = cache_k if cache_k.dtype == k.dtype else cache_k.astype(k.dtype)
+    cv = cache_v if cache_v.dtype == v.dtype else cache_v.astype(v.dtype)
+    o5 = _forward_cached(q5, ck, cv, k4, v4, q_ids, _kernel_ids(c_id3, NUM_SUBLANES, 1), k_ids,
+                         make_plan(kinds), last, layer, heads, cfg)
+  else:
+    plan, plan_t = make_plan(kinds), make_plan(jnp.swapaxes(kinds, 1, 2))
+    o5 = _attend(q5, k4, v4, q_ids, k_ids, plan, plan_t, cfg)
   return o5.transpose(0, 3, 1, 2, 4).reshape(batch, tq_pad, h, d)[:, :tq]
 
 
@@ -558,15 +720,18 @@ def _warn_interpret_once() -> None:
                   '"xla" for speed', stacklevel=3)
 
 
-def pallas_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> jax.Array:
+def pallas_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout,
+                     **cache) -> jax.Array:
   """The `attention_impl="pallas"` entry point (default tiles; interpret mode, with a one-time
-  warning, unless the backend is TPU; sharded over the context mesh)."""
+  warning, unless the backend is TPU; sharded over the context mesh). `cache`: the attention
+  protocol's cache keywords (`cache_k`, `cache_v`, `cache_layout`, `cache_index`)."""
   if default_interpret():
     _warn_interpret_once()
-  return block_diffusion_attention(q, k, v, q_layout, k_layout)
+  return block_diffusion_attention(q, k, v, q_layout, k_layout, **cache)
 
 
-def pallas_tpu_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> jax.Array:
+def pallas_tpu_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout,
+                         **cache) -> jax.Array:
   """`attention_impl="pallas_tpu"`: always the Mosaic TPU kernel, never interpret mode; for
   exporting TPU programs (`jax.export(..., platforms=("tpu",))`) from a host without a TPU."""
-  return block_diffusion_attention(q, k, v, q_layout, k_layout, interpret=False)
+  return block_diffusion_attention(q, k, v, q_layout, k_layout, interpret=False, **cache)

@@ -28,6 +28,12 @@ Sequence lengths are never split (Tq and Tk whole on every device), so the same 
 the block-causal forward, a decode window against the KV cache (Tq != Tk) and the 2L training
 layout. Gradients flow through `shard_map` into the kernel's `custom_vjp`.
 
+A KV cache passed as its own operands (`cache=`: `cache_k`, `cache_v` `[L, B, KV, S, d]`, the
+`cache_layout` `[B, S]` and the layer `cache_index`) is split like k, v: batch over the batch
+axes, KV heads over the head axes in mode "kv", else replicated; in modes "group" / "gather"
+it is not sliced per device (that would copy it): the local function receives `cache_heads`,
+the cache KV head of each of its kernel KV heads, and its index map reads them in place.
+
 This module imports nothing from the model or `llada_jax.parallel` (the kernels' rule); the
 axis names mirror the default rules and can be passed explicitly.
 """
@@ -62,6 +68,11 @@ class AttentionSharding:
   tp: int
   head_mode: str
   groups: int
+
+  def cache_spec(self) -> P:
+    """A KV cache `[L, B, KV, S, d]`: batch like k/v, KV heads split only in mode "kv"."""
+    kv = _entry(self.head_axes) if self.head_mode == "kv" else None
+    return P(None, _entry(self.batch_axes), kv, None, None)
 
   def specs(self) -> tuple[P, P, P]:
     """(q and output `[B, T, H, d]`, k/v `[B, T, KV, d]`, layout ids `[B, T]`) specs."""
@@ -132,9 +143,20 @@ def _select_kv(k: jax.Array, v: jax.Array, plan: AttentionSharding, local_heads:
   return jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=2)
 
 
+def _cache_heads(plan: AttentionSharding, local_heads: int):
+  """The cache KV head of each kernel KV head of this device (None: the device's own heads,
+  modes "none", "kv" and "replicate"): "group" -> `[1]`, "gather" -> `[local_heads]`."""
+  if plan.head_mode not in ("group", "gather"):
+    return None
+  first = lax.axis_index(plan.head_axes) * local_heads  # global index of the first query head
+  if plan.head_mode == "group":
+    return jnp.reshape(first // plan.groups, (1,)).astype(jnp.int32)
+  return ((first + jnp.arange(local_heads)) // plan.groups).astype(jnp.int32)
+
+
 def shard_attention(local_fn: Callable[..., jax.Array], q, k, v, q_layout, k_layout, *,
                     mesh=None, batch_axes: Sequence[str] = BATCH_AXES,
-                    head_axes: Sequence[str] = HEAD_AXES) -> jax.Array:
+                    head_axes: Sequence[str] = HEAD_AXES, cache: dict | None = None) -> jax.Array:
   """`local_fn(q, k, v, q_layout, k_layout)` run per device inside `jax.shard_map`.
 
   Args:
@@ -143,23 +165,34 @@ def shard_attention(local_fn: Callable[..., jax.Array], q, k, v, q_layout, k_lay
     q: `[B, Tq, H, d]`; k, v: `[B, Tk, KV, d]`; q_layout: Layout `[B, Tq]`; k_layout `[B, Tk]`.
     mesh: the mesh to split over; None = the context mesh. Without a multi-device mesh
       `local_fn` is called directly.
+    cache: None, or dict(cache_k, cache_v `[L, B, KV, S, d]`, cache_layout `[B, S]`,
+      cache_index int32 scalar), passed to `local_fn` as keywords (per-device pieces) together
+      with `cache_heads` (see `_cache_heads`).
   Returns: `[B, Tq, H, d]`.
   """
   mesh = context_mesh() if mesh is None else mesh
   if mesh is None:
-    return local_fn(q, k, v, q_layout, k_layout)
+    return local_fn(q, k, v, q_layout, k_layout, **(cache or {}))
   sizes = free_axes(mesh)
   plan = plan_sharding(sizes, q.shape[0], q.shape[2], k.shape[2], batch_axes, head_axes)
   q_spec, kv_spec, id_spec = plan.specs()
   local_heads = q.shape[2] // plan.tp
 
-  def body(q, k, v, q_layout, k_layout):
+  def body(q, k, v, q_layout, k_layout, *cache_args):
+    kw = {}
+    if cache_args:
+      ck, cv, cl, ci = cache_args
+      kw = dict(cache_k=ck, cache_v=cv, cache_layout=cl, cache_index=ci,
+                cache_heads=_cache_heads(plan, local_heads))
     if plan.head_mode in ("group", "gather"):
       k, v = _select_kv(k, v, plan, local_heads)
-    return local_fn(q, k, v, q_layout, k_layout)
+    return local_fn(q, k, v, q_layout, k_layout, **kw)
 
   args = (q, k, v, q_layout, k_layout)
   specs = (q_spec, kv_spec, kv_spec, id_spec, id_spec)
+  if cache is not None:
+    args += (cache["cache_k"], cache["cache_v"], cache["cache_layout"], cache["cache_index"])
+    specs += (plan.cache_spec(), plan.cache_spec(), id_spec, P())
   if any(t == AxisType.Explicit for t in mesh.axis_types):  # shard_map wants matching types
     args = tuple(jax.tree_util.tree_map(lambda x, s=s: jax.reshard(x, s), a)
                  for a, s in zip(args, specs))

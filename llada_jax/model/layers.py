@@ -58,3 +58,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
   return out.reshape(b, tq, h, d)
+
+
+def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                         cache_k: jax.Array, cache_v: jax.Array,
+                         cache_mask: jax.Array) -> jax.Array:
+  """`attention` over the keys [cache ; window] without concatenating K/V (XLA path).
+
+  Args:
+    q: `[B, Tq, H, d]`; k, v: `[B, Tw, KV, d]` the window's keys/values; mask `[B, Tq, Tw]`.
+    cache_k, cache_v: `[B, KV, S, d]` (the cache's layout, `model.kv_cache`); cache_mask
+      `[B, Tq, S]`.
+  Returns: `[B, Tq, H, d]` in q.dtype. The scores against the cache and against the window are
+  computed separately and concatenated (`[.., Tq, S + Tw]`, not cache-sized in d), one softmax
+  runs over both, and the two PV products are summed in float32.
+  """
+  b, tq, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, tq, kv, h // kv, d)
+  scale = d ** -0.5
+  s_cache = jnp.einsum("bqkgd,bksd->bkgqs", qg, cache_k, preferred_element_type=jnp.float32)
+  s_win = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  s_cache = jnp.where(cache_mask[:, None, None], s_cache * scale, NEG_INF)
+  s_win = jnp.where(mask[:, None, None], s_win * scale, NEG_INF)
+  probs = jax.nn.softmax(jnp.concatenate([s_cache, s_win], axis=-1), axis=-1).astype(q.dtype)
+  n = cache_k.shape[2]
+  out = (jnp.einsum("bkgqs,bksd->bqkgd", probs[..., :n], cache_v,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgqs,bskd->bqkgd", probs[..., n:], v, preferred_element_type=jnp.float32))
+  return out.astype(q.dtype).reshape(b, tq, h, d)

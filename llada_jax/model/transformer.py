@@ -16,12 +16,36 @@ from llada_jax.model import layers
 from llada_jax.model.moe import moe_block
 from llada_jax.model.params import Params
 
-# attention_fn(q [B,Tq,H,d], k [B,Tk,KV,d], v, q_layout, k_layout) -> [B,Tq,H,d]
+# The attention protocol:
+#   attention_fn(q [B,Tq,H,d], k [B,Tk,KV,d], v, q_layout [B,Tq], k_layout [B,Tk], *,
+#                cache_k=None, cache_v=None, cache_layout=None, cache_index=None) -> [B,Tq,H,d]
+# k, v are the keys/values of the tokens themselves (described by k_layout). With a KV cache
+# the cache is passed as its own operands, never concatenated with k, v: cache_k, cache_v the
+# whole stacked cache of a layer stack `[L, B, KV, S, d]` (`model.kv_cache`'s layout) with
+# cache_index the layer (an int32 scalar), or one layer's `[B, KV, S, d]` with cache_index
+# None; cache_layout `[B, S]` describes the slots. The keys are then [cache ; k], the mask
+# `masks.visible(q_layout, cache_layout.concat(k_layout))`. Implementations registered with
+# `register_attention` must accept the cache keywords.
 AttentionFn = Callable[..., jax.Array]
 
 
-def xla_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout) -> jax.Array:
-  return layers.attention(q, k, v, masks.visible(q_layout, k_layout))
+def cache_layer(cache: jax.Array, cache_index) -> jax.Array:
+  """One layer `[B, KV, S, d]` of a stacked cache `[L, B, KV, S, d]` (or the array itself when
+  `cache_index` is None)."""
+  if cache_index is None:
+    return cache
+  return jax.lax.dynamic_index_in_dim(cache, cache_index, axis=0, keepdims=False)
+
+
+def xla_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout, *, cache_k=None,
+                  cache_v=None, cache_layout: masks.Layout | None = None,
+                  cache_index=None) -> jax.Array:
+  if cache_k is None:
+    return layers.attention(q, k, v, masks.visible(q_layout, k_layout))
+  ck, cv = cache_layer(cache_k, cache_index), cache_layer(cache_v, cache_index)
+  return layers.attention_with_cache(q, k, v, masks.visible(q_layout, k_layout),
+                                     ck.astype(k.dtype), cv.astype(v.dtype),
+                                     masks.visible(q_layout, cache_layout))
 
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
@@ -32,7 +56,8 @@ _ALIASES = {"auto": lambda: "pallas_tpu" if jax.default_backend() == "tpu" else 
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
-  """Makes `attention_impl=name` available to `forward` (used by the kernels package)."""
+  """Makes `attention_impl=name` available to `forward` (used by the kernels package); `fn`
+  follows the attention protocol above (cache keywords included)."""
   ATTENTION_IMPLS[name] = fn
 
 
@@ -76,7 +101,10 @@ def _cast(tree: Any, dtype) -> Any:
 
 def _layer(c: ModelConfig, kind: str, attention_fn: AttentionFn, moe_impl: str,
            x, p, cos, sin, q_layout, k_layout, cache_kv):
-  """One decoder layer on x `[B, T, D]`; returns (x, (k, v, router_logits, router_idx))."""
+  """One decoder layer on x `[B, T, D]`; returns (x, (k, v, router_logits, router_idx)).
+
+  `cache_kv`: None, or (cache_k, cache_v `[L, B, KV, S, d]` of the stack, this layer's index,
+  cache_layout) handed to the attention as its cache operands (read in place)."""
   b, t, _ = x.shape
   h_, kv_, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
   eps = c.rms_norm_eps
@@ -89,11 +117,11 @@ def _layer(c: ModelConfig, kind: str, attention_fn: AttentionFn, moe_impl: str,
   q = layers.apply_partial_rope(q, cos, sin)
   k = layers.apply_partial_rope(k, cos, sin)
   if cache_kv is not None:
-    keys = jnp.concatenate([cache_kv[0].astype(k.dtype), k], axis=1)
-    values = jnp.concatenate([cache_kv[1].astype(v.dtype), v], axis=1)
+    cache_k, cache_v, index, cache_layout = cache_kv
+    o = attention_fn(q, k, v, q_layout, k_layout, cache_k=cache_k, cache_v=cache_v,
+                     cache_layout=cache_layout, cache_index=index)
   else:
-    keys, values = k, v
-  o = attention_fn(q, keys, values, q_layout, k_layout)
+    o = attention_fn(q, k, v, q_layout, k_layout)
   x = x + o.reshape(b, t, h_ * d) @ p["attn"]["out"]
   h = layers.rms_norm(x, p["post_norm"], eps)
   if kind == "dense":
@@ -113,7 +141,9 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   """Runs the model on `tokens` `[B, T]` at absolute `positions` `[B, T]`.
 
   Keys are the cache slots (described by `cache_layout`, `[B, S]`) followed by the tokens
-  themselves (described by `layout`); `masks.visible` decides who sees whom.
+  themselves (described by `layout`); `masks.visible` decides who sees whom. The cache
+  (`model.kv_cache`, leaves `[L, B, KV, S, d]`) is read in place by the attention (each layer
+  gets the stacked arrays and its index), and `kv` returns the tokens' own K/V.
   `collect=True` also returns per-layer hidden states and router outputs.
   `logits_slice=(a, b)` computes logits for tokens a..b only (e.g. the noisy half in training).
   `embed_delta` `[B, T, D]` is added to the embedding output (noise on masked embeddings).
@@ -122,7 +152,8 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   dtype = jnp.dtype(c.dtype)
   p = _cast(params, dtype)
   attention_fn = get_attention(attention_impl)
-  k_layout = layout if cache is None else cache_layout.concat(layout)
+  if cache is not None and cache_layout is None:
+    raise ValueError("a cache needs its cache_layout")
   cos, sin = layers.rope_cos_sin(positions, c.rotary_dim, c.rope_theta, dtype)
   x = p["embed"][tokens].astype(dtype)
   if embed_delta is not None:
@@ -134,16 +165,22 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
       continue
     body = functools.partial(_layer, c, kind, attention_fn, moe_impl)
 
-    def step(x, xs, body=body):
-      lp, ckv = xs
-      x, (k, v, rl, ri) = body(x, lp, cos, sin, layout, k_layout, ckv)
+    # The stacked cache is a loop invariant of the scan (not sliced per layer as xs): each
+    # layer's attention reads its layer in place, by index.
+    stack_cache = None if cache is None else (cache[kind]["k"], cache[kind]["v"])
+
+    def step(x, xs, body=body, stack_cache=stack_cache):
+      lp, index = xs
+      ckv = None if stack_cache is None else (*stack_cache, index, cache_layout)
+      x, (k, v, rl, ri) = body(x, lp, cos, sin, layout, layout, ckv)
       return x, (k, v, rl, ri, x if collect else None)
 
     if remat:
       step = jax.checkpoint(step)
-    stack_cache = None if cache is None else (cache[kind]["k"], cache[kind]["v"])
     layer_params = {n: v for n, v in p[kind].items()}
-    x, (k, v, rl, ri, hs) = jax.lax.scan(step, x, (layer_params, stack_cache))
+    n_layers = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
+    x, (k, v, rl, ri, hs) = jax.lax.scan(
+        step, x, (layer_params, jnp.arange(n_layers, dtype=jnp.int32)))
     kv[kind] = {"k": k, "v": v}
     if collect:
       hidden.extend(list(hs))

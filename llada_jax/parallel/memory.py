@@ -32,6 +32,7 @@ import numpy as np
 
 from llada_jax.config import ModelConfig
 from llada_jax.model import params as params_lib
+from llada_jax.model.kv_cache import capacity as kv_capacity
 from llada_jax.parallel.expert_parallel import capacity as ep_capacity, ragged_buffer_rows
 from llada_jax.parallel.mesh import mesh_shape
 from llada_jax.parallel.rules import (activation_spec, logical_to_spec, normalize_rules,
@@ -143,7 +144,7 @@ def plan(c: ModelConfig, mesh, w: Workload = Workload(), rules=None) -> dict[str
   from llada_jax.decode.api import prompt_bucket  # noqa: PLC0415 (decode imports the model)
   bl = w.block_length
   canvas = prompt_bucket(w.prompt, bl) + -(-w.gen // bl) * bl
-  cache_shape = (c.num_hidden_layers, w.batch, canvas, KV, d)
+  cache_shape = (c.num_hidden_layers, w.batch, KV, kv_capacity(canvas), d)  # kv_cache layout
   cache_spec = activation_spec("kv_cache", cache_shape, sizes, rules)
   kv_cache = 2 * math.prod(cache_shape) * act // shard_count(cache_spec, sizes)
   win_spec = activation_spec("hidden", (w.batch, bl, D), sizes, rules)

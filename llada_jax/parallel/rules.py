@@ -61,7 +61,7 @@ ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "rows": ("batch",),  # per-row scalars  [B]
     "hidden": ("batch", "length", "act_embed"),  # residual stream  [B, T, D]
     "logits": ("batch", "length", "act_vocab"),  # [B, T, V]
-    "kv_cache": ("layers", "batch", "kv_length", "kv_heads", "head_dim"),  # [L, B, S, KV, d]
+    "kv_cache": ("layers", "batch", "kv_heads", "kv_length", "head_dim"),  # [L, B, KV, S, d]
 }
 
 
@@ -216,7 +216,7 @@ def activation_sharding(kind: str, shape: Sequence[int], mesh, rules=None) -> Na
 
 
 def kv_cache_shardings(cache_shapes: Any, mesh, rules=None) -> Any:
-  """Shardings for a KV cache pytree (`llada_jax.model.kv_cache`), leaves `[L, B, S, KV, d]`."""
+  """Shardings for a KV cache pytree (`llada_jax.model.kv_cache`), leaves `[L, B, KV, S, d]`."""
   return jax.tree_util.tree_map(
       lambda x: activation_sharding("kv_cache", x.shape, mesh, rules), cache_shapes)
 
