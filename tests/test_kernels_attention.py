@@ -497,6 +497,31 @@ def test_tpu_export_training_forward_and_backward(context):
   assert text.count("tpu_custom_call") == 3
 
 
+def _load_residuals_tool():
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "attention_residuals.py")
+  spec = importlib.util.spec_from_file_location("attention_residuals", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_backward_residuals_are_compact():
+  """What the forward keeps for the backward (Mosaic kernel, shapes only): q, k, v, o, the
+  log-sum-exp as one float32 per query row and head, the ids as [B, T] (no lane-replicated
+  array); LLaDA2.1-mini's heads on a 2L layout of 1024 tokens."""
+  tool = _load_residuals_tool()
+  b, length, h, kv, d = 1, 512, 16, 4, 128
+  rows = tool.residuals(b, length, 32, h, kv, d, jnp.bfloat16)
+  t = 2 * length
+  shapes = [r[0] for r in rows if len(r[0]) > 0]
+  assert (b, kv, h // kv, t) in shapes  # the compact log-sum-exp
+  assert not any(s and s[-1] == ba.NUM_LANES and dt == "float32" for s, dt, _ in rows)
+  assert not any(len(s) >= 2 and s[-1] == 2 * ba.NUM_LANES for s, _, _ in rows)  # q ids
+  tensors = 2 * (b * t * h * d * 2) + 2 * (b * t * kv * d * 2)  # q, o; k, v (bf16)
+  total = sum(r[2] for r in rows)
+  assert total - tensors <= b * t * (h * 4 + 6 * 4) + 64 * 1024  # lse, ids, step tables
+
+
 # ---------------------------------------------------------------------------------------------
 # Work accounting (tools/attention_work.py).
 # ---------------------------------------------------------------------------------------------

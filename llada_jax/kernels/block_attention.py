@@ -28,11 +28,21 @@ dense reference gives it a uniform, meaningless row instead).
 
 Kernel layouts (after the wrapper pads and transposes):
   q, o, do       [B, KV, G, Tq, d]        k, v, dk, dv  [B, KV, Tk, d]
-  lse, di        [B, KV, G, Tq, 128] f32  (lane-replicated per-row scalars, as in JAX's kernels)
+  lse (forward)  [B, KV, G, Tq, 128] f32  (lane-replicated per-row scalars; a transient output,
+                 sliced to its first lane right away)
+  lse, di rows   [B, KV, nq, 1, G * bq] f32 for the backward kernels: compact (one float per
+                 query row), ordered so that one block holds a q tile's G stacked heads; the
+                 kernels turn the lane vector into the column they subtract (as JAX's splash
+                 attention does with its [.., 1, T] log-sum-exp and di rows)
   q ids          [B, Tq, 256] int32: lanes 0-127 = 2 * block + noisy, lanes 128-255 = segment
                  (each replicated across its 128 lanes, like the segment ids of JAX's kernels)
   k ids          [B, 16, Tk] int32: sublanes 0-7 = 2 * block + noisy, 8-15 = segment
 Only tile-aligned slices of the id blocks are taken in-kernel (lane / sublane offset 0).
+
+Residuals (what the forward keeps for the backward, per layer): q, k, v, o, the compact
+log-sum-exp `[B, KV, G, Tq]` f32 and the compact ids `[B, T]` (the lane-replicated kernel ids
+and rows are rebuilt in the backward): for LLaDA2.1-mini's 2L layout of 8192 tokens, 80.7 MiB
+per layer and device instead of 152.5 MiB (`tools/attention_residuals.py`).
 
 KV cache (decoding, forward only): `cache_k`, `cache_v` `[L, B, KV, S, d]` (the layout of
 `model.kv_cache`: the whole stacked cache of a layer stack, `cache_index` the layer) are a
@@ -359,8 +369,9 @@ def _compiler_params():
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _forward(q, k, v, q_ids, k_ids, plan, cfg: _Cfg):
-  """Kernel-layout forward: returns o `[B, KV, G, Tq, d]` and lse `[B, KV, G, Tq, 128]`."""
+def _forward(q, k, v, q_ids, k_ids, plan, cfg: _Cfg, with_lse: bool = True):
+  """Kernel-layout forward: returns o `[B, KV, G, Tq, d]` and lse `[B, KV, G, Tq, 128]` (None
+  with `with_lse=False`: the primal call outside of differentiation writes no lse)."""
   batch, kvh, g, tq, d = q.shape
   bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.num_q_tiles, cfg.num_k_tiles
 
@@ -374,22 +385,29 @@ def _forward(q, k, v, q_ids, k_ids, plan, cfg: _Cfg):
                           lambda b, h, i, j, p: (b, 0, kv_tile(b, i, j, p)))
   lse_spec = pl.BlockSpec((None, None, g, bq, NUM_LANES), lambda b, h, i, j, p: (b, h, 0, i, 0))
   rows = g * bq
-  return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg),
+  out_specs = [q_spec, lse_spec]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((batch, kvh, g, tq, NUM_LANES), jnp.float32)]
+  kernel = functools.partial(_fwd_kernel, cfg=cfg)
+  if not with_lse:
+    out_specs, out_shape = out_specs[:1], out_shape[:1]
+    kernel = lambda *refs: _fwd_kernel(*refs[:7], None, *refs[7:], cfg=cfg)  # noqa: E731
+  out = pl.pallas_call(
+      kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(batch, kvh, nq, nk),
           in_specs=[q_spec, kv_spec, kv_spec, qid_spec, kid_spec],
-          out_specs=[q_spec, lse_spec],
+          out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((rows, NUM_LANES), jnp.float32),
                           pltpu.VMEM((rows, NUM_LANES), jnp.float32),
                           pltpu.VMEM((rows, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, kvh, g, tq, NUM_LANES), jnp.float32)],
+      out_shape=out_shape,
       compiler_params=_compiler_params(),
       interpret=cfg.interpret,
       name="block_diffusion_attention_fwd",
   )(plan, q, k, v, q_ids, k_ids)
+  return out if with_lse else (out[0], None)
 
 
 def _forward_cached(q, ck, cv, k, v, q_ids, ck_ids, k_ids, plan, last, layer, heads,
@@ -446,14 +464,22 @@ def _forward_cached(q, ck, cv, k, v, q_ids, ck_ids, k_ids, plan, last, layer, he
 # Backward kernels.
 # ----------------------------------------------------------------------------------------------
 
+def _column(row_ref) -> jax.Array:
+  """A compact `[1, R]` block of per-row scalars (lse or di rows of G*bq stacked query rows)
+  -> the `[R, 1]` column broadcast against a `[R, bk]` tile (a lane -> sublane relayout, as in
+  the splash attention kernels)."""
+  return jnp.expand_dims(row_ref[0], -1)
+
+
 def _probs_and_ds(q, k, v, do, lse, di, vis, cfg: _Cfg, groups: int):
-  """Recomputes p `[R, bk]` (R = G*bq stacked rows) and ds = p * (dp - di) for one tile."""
+  """Recomputes p `[R, bk]` (R = G*bq stacked rows) and ds = p * (dp - di) for one tile;
+  lse, di are `[R, 1]` columns."""
   s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
-  p = jnp.exp(s - _lanes(lse, s.shape[1]))
+  p = jnp.exp(s - lse)
   if vis is not None:
     p = _where_rows(vis, p, 0.0, groups)
   dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
-  return p, p * (dp - _lanes(di, s.shape[1]))
+  return p, p * (dp - di)
 
 
 def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qid_ref, kid_ref,
@@ -472,8 +498,8 @@ def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qid_ref, 
     vis = _tile_visible(qid_ref, kid_ref) if masked else None
     k = k_ref[...]
     _, ds = _probs_and_ds(q_ref[...].reshape(rows, d), k, v_ref[...],
-                          do_ref[...].reshape(rows, d), lse_ref[...].reshape(rows, NUM_LANES),
-                          di_ref[...].reshape(rows, NUM_LANES), vis, cfg, g)
+                          do_ref[...].reshape(rows, d), _column(lse_ref), _column(di_ref), vis,
+                          cfg, g)
     dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
                                   preferred_element_type=jnp.float32)
 
@@ -501,8 +527,8 @@ def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qid_ref,
   def accumulate(masked: bool):
     vis = _tile_visible(qid_ref, kid_ref) if masked else None
     q, do = q_ref[...].reshape(rows, d), do_ref[...].reshape(rows, d)
-    p, ds = _probs_and_ds(q, k_ref[...], v_ref[...], do, lse_ref[...].reshape(rows, NUM_LANES),
-                          di_ref[...].reshape(rows, NUM_LANES), vis, cfg, g)
+    p, ds = _probs_and_ds(q, k_ref[...], v_ref[...], do, _column(lse_ref), _column(di_ref),
+                          vis, cfg, g)
     dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
@@ -515,19 +541,29 @@ def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qid_ref,
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
+def _row_tiles(x: jax.Array, block_q: int) -> jax.Array:
+  """Per-row scalars `[B, KV, G, Tq]` -> `[B, KV, nq, 1, G * block_q]`: the G heads' rows of
+  each q tile contiguous (the kernels' stacked row order), one block per q tile."""
+  b, kvh, g, tq = x.shape
+  nq = tq // block_q
+  x = x.reshape(b, kvh, g, nq, block_q).transpose(0, 1, 3, 2, 4)
+  return x.reshape(b, kvh, nq, 1, g * block_q)
+
+
 def _backward(q, k, v, o, lse, do, q_ids, k_ids, plan, plan_t, cfg: _Cfg):
-  """Kernel-layout backward: (dq, dk, dv) in the layouts of (q, k, v)."""
+  """Kernel-layout backward: (dq, dk, dv) in the layouts of (q, k, v); lse `[B, KV, G, Tq]`
+  f32 (compact)."""
   batch, kvh, g, tq, d = q.shape
   tk = k.shape[2]
   bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.num_q_tiles, cfg.num_k_tiles
-  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  di = jnp.broadcast_to(di[..., None], lse.shape)
+  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, KV, G, Tq]
+  lse, di = _row_tiles(lse, bq), _row_tiles(di, bq)
   rows = g * bq
 
   # dq: grid over (batch, kv head, q tile, step over k tiles), the forward plan.
   kv_tile = lambda b, i, j, p: _step(p, b, i, j, nq, nk)[0]
   q_spec = pl.BlockSpec((None, None, g, bq, d), lambda b, h, i, j, p: (b, h, 0, i, 0))
-  row_spec = pl.BlockSpec((None, None, g, bq, NUM_LANES), lambda b, h, i, j, p: (b, h, 0, i, 0))
+  row_spec = pl.BlockSpec((None, None, None, 1, rows), lambda b, h, i, j, p: (b, h, i, 0, 0))
   kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, p: (b, h, kv_tile(b, i, j, p), 0))
   qid_spec = pl.BlockSpec((None, bq, 2 * NUM_LANES), lambda b, h, i, j, p: (b, i, 0))
   kid_spec = pl.BlockSpec((None, 2 * NUM_SUBLANES, bk),
@@ -550,8 +586,8 @@ def _backward(q, k, v, o, lse, do, q_ids, k_ids, plan, plan_t, cfg: _Cfg):
   q_tile = lambda b, kj, i, p: _step(p, b, kj, i, nk, nq)[0]
   q_spec_t = pl.BlockSpec((None, None, g, bq, d),
                           lambda b, h, kj, i, p: (b, h, 0, q_tile(b, kj, i, p), 0))
-  row_spec_t = pl.BlockSpec((None, None, g, bq, NUM_LANES),
-                            lambda b, h, kj, i, p: (b, h, 0, q_tile(b, kj, i, p), 0))
+  row_spec_t = pl.BlockSpec((None, None, None, 1, rows),
+                            lambda b, h, kj, i, p: (b, h, q_tile(b, kj, i, p), 0, 0))
   kv_spec_t = pl.BlockSpec((None, None, bk, d), lambda b, h, kj, i, p: (b, h, kj, 0))
   qid_spec_t = pl.BlockSpec((None, bq, 2 * NUM_LANES),
                             lambda b, h, kj, i, p: (b, q_tile(b, kj, i, p), 0))
@@ -578,19 +614,26 @@ def _backward(q, k, v, o, lse, do, q_ids, k_ids, plan, plan_t, cfg: _Cfg):
 # custom_vjp and the public wrapper.
 # ----------------------------------------------------------------------------------------------
 
+def _ids(q_id3, k_id3):
+  """The kernels' lane / sublane-replicated id arrays from the compact (block, noisy, segment)
+  ids `[B, T]` (built where used: the residuals keep the compact ids)."""
+  return _kernel_ids(q_id3, NUM_LANES, -1), _kernel_ids(k_id3, NUM_SUBLANES, 1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attend(q, k, v, q_ids, k_ids, plan, plan_t, cfg: _Cfg):
-  return _forward(q, k, v, q_ids, k_ids, plan, cfg)[0]
+def _attend(q, k, v, q_id3, k_id3, plan, plan_t, cfg: _Cfg):
+  return _forward(q, k, v, *_ids(q_id3, k_id3), plan, cfg, with_lse=False)[0]
 
 
-def _attend_fwd(q, k, v, q_ids, k_ids, plan, plan_t, cfg):
-  o, lse = _forward(q, k, v, q_ids, k_ids, plan, cfg)
-  return o, (q, k, v, q_ids, k_ids, plan, plan_t, o, lse)
+def _attend_fwd(q, k, v, q_id3, k_id3, plan, plan_t, cfg):
+  o, lse = _forward(q, k, v, *_ids(q_id3, k_id3), plan, cfg)
+  # Residuals stay compact: the log-sum-exp's first lane `[B, KV, G, Tq]`, the [B, T] ids.
+  return o, (q, k, v, q_id3, k_id3, plan, plan_t, o, lse[..., 0])
 
 
 def _attend_bwd(cfg, res, do):
-  q, k, v, q_ids, k_ids, plan, plan_t, o, lse = res
-  dq, dk, dv = _backward(q, k, v, o, lse, do, q_ids, k_ids, plan, plan_t, cfg)
+  q, k, v, q_id3, k_id3, plan, plan_t, o, lse = res
+  dq, dk, dv = _backward(q, k, v, o, lse, do, *_ids(q_id3, k_id3), plan, plan_t, cfg)
   return dq, dk, dv, None, None, None, None
 
 
@@ -682,7 +725,6 @@ def _local_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout, *,
 
   q_id3, k_id3 = _pad_ids(q_layout, tq_pad), _pad_ids(k_layout, tk_pad)
   kinds = classify_tiles(q_id3, k_id3, bs.block_q, bs.block_k)
-  q_ids, k_ids = _kernel_ids(q_id3, NUM_LANES, -1), _kernel_ids(k_id3, NUM_SUBLANES, 1)
 
   pad_t = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   q5 = pad_t(q, tq_pad).reshape(batch, tq_pad, kvh, g, d).transpose(0, 2, 3, 1, 4)
@@ -699,11 +741,12 @@ def _local_attention(q, k, v, q_layout: masks.Layout, k_layout: masks.Layout, *,
     layer = jnp.reshape(jnp.asarray(cache_index, jnp.int32), (1,))
     ck = cache_k if cache_k.dtype == k.dtype else cache_k.astype(k.dtype)
     cv = cache_v if cache_v.dtype == v.dtype else cache_v.astype(v.dtype)
+    q_ids, k_ids = _ids(q_id3, k_id3)
     o5 = _forward_cached(q5, ck, cv, k4, v4, q_ids, _kernel_ids(c_id3, NUM_SUBLANES, 1), k_ids,
                          make_plan(kinds), last, layer, heads, cfg)
   else:
     plan, plan_t = make_plan(kinds), make_plan(jnp.swapaxes(kinds, 1, 2))
-    o5 = _attend(q5, k4, v4, q_ids, k_ids, plan, plan_t, cfg)
+    o5 = _attend(q5, k4, v4, q_id3, k_id3, plan, plan_t, cfg)
   return o5.transpose(0, 3, 1, 2, 4).reshape(batch, tq_pad, h, d)[:, :tq]
 
 
