@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llada_jax
-from llada_jax import masks
+from llada_jax import masks, parallel
 from llada_jax.model import kv_cache
 from llada_jax.model.transformer import forward_core
 
@@ -50,8 +50,9 @@ def timed(fn, repeats):
   return first - best, best  # (compile estimate, run)
 
 
-def window_forward_time(params, c, ctx, block, repeats):
-  """One cached forward of a `block`-token window against a cache of `ctx` slots."""
+def window_forward_fn(params, c, ctx, block, moe_impl="ragged"):
+  """A zero-argument function: one cached forward of a `block`-token window against a cache of
+  `ctx` slots (jitted; `moe_impl` a resolved name, see `llada_jax.parallel.resolve_moe_impl`)."""
   cache = kv_cache.init_cache(c, 1, ctx + block)
   toks = jnp.zeros((1, block), jnp.int32)
   pos = ctx + jnp.arange(block, dtype=jnp.int32)[None]
@@ -59,10 +60,14 @@ def window_forward_time(params, c, ctx, block, repeats):
   cache_layout = masks.Layout(slots // block, jnp.zeros_like(slots, bool),
                               jnp.where(slots < ctx, 0, -1))
   layout = masks.block_causal(pos, block)
-  f = jax.jit(functools.partial(forward_core, c=c))
-  run = lambda: f(params, tokens=toks, positions=pos, layout=layout, cache=cache,
-                  cache_layout=cache_layout).logits
-  return timed(run, repeats)[1]
+  f = jax.jit(functools.partial(forward_core, c=c, moe_impl=moe_impl))
+  return lambda: f(params, tokens=toks, positions=pos, layout=layout, cache=cache,
+                   cache_layout=cache_layout).logits
+
+
+def window_forward_time(params, c, ctx, block, repeats, moe_impl="ragged"):
+  """One cached forward of a `block`-token window against a cache of `ctx` slots."""
+  return timed(window_forward_fn(params, c, ctx, block, moe_impl), repeats)[1]
 
 
 def main(argv=None):
@@ -77,19 +82,23 @@ def main(argv=None):
   p.add_argument("--vocab", type=int, default=4096)
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--overhead-gen", type=int, default=256)
+  p.add_argument("--moe-impl", default="auto",
+                 help="expert implementation (auto: what llada_jax.generate picks here)")
   args = p.parse_args(argv)
+  moe_impl = parallel.resolve_moe_impl(args.moe_impl)
 
   c = mid_config(args)
   params = llada_jax.init_params(c, jax.random.PRNGKey(0))
   n = llada_jax.count_params(c)
   print(f"model: hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_experts} experts "
         f"({n / 1e6:.1f}M params); gen {args.gen_length}, block {args.block_length}, "
-        f"{args.steps} forwards/block; {platform.processor() or platform.machine()}, "
-        f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}")
+        f"{args.steps} forwards/block; moe_impl {moe_impl}; "
+        f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform} "
+        f"x{jax.device_count()}, jax {jax.__version__}")
   rng = np.random.default_rng(0)
   bl = args.block_length
   kw = dict(algorithm="llada2.0", threshold=1.0, steps=args.steps, block_length=bl,
-            eos_early_stop=False)
+            eos_early_stop=False, moe_impl=moe_impl)
 
   def decode(prompt, gen, use_cache):
     out = {}
@@ -117,7 +126,7 @@ def main(argv=None):
   prompt = rng.integers(0, c.vocab_size - 2, bl - 1).tolist()
   comp, cached, r = decode(prompt, args.overhead_gen, True)
   canvas = bl + -(-args.overhead_gen // bl) * bl
-  one = window_forward_time(params, c, canvas - bl, bl, args.repeats)
+  one = window_forward_time(params, c, canvas - bl, bl, args.repeats, moe_impl)
   forwards = r.nfe[0] + r.commits
   print(f"{'nfe':>5} {'commits':>8} {'decode s':>9} {'one forward s':>14} "
         f"{'(nfe+commits) x fwd':>20} {'overhead':>9}")

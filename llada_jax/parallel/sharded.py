@@ -146,7 +146,9 @@ def ep_config_of(name: str) -> ep_lib.EPConfig | None:
 def resolve_moe_impl(moe_impl, mesh=None, rules=None, *, dropless: bool = False) -> str:
   """A `moe_impl` name for running under `mesh` (None: one device).
 
-  "auto": without a mesh "ragged" (`lax.ragged_dot`); with one the dropless expert-parallel
+  "auto": without a mesh "ragged" (`lax.ragged_dot`) on TPU and "auto_local" elsewhere (dense
+  or sorted tiles, chosen per static shape: `llada_jax.model.moe.choose_experts`); with one the
+  dropless expert-parallel
   path, "ep_ragged" (ragged_all_to_all) on TPU and "ep" (dense all_to_all at worst-case
   capacity) elsewhere. An `EPConfig` is registered; the built-in "ep"/"ep_ragged" follow `rules`
   when they differ from the defaults (so the experts' in-specs match the params).
@@ -162,8 +164,8 @@ def resolve_moe_impl(moe_impl, mesh=None, rules=None, *, dropless: bool = False)
 
 def _resolve_moe_name(moe_impl, mesh, rules) -> str:
   if moe_impl == AUTO:
-    if mesh is None:
-      return "ragged"
+    if mesh is None:  # TPU: the grouped matmul; CPU/GPU: chosen per static shape (model/moe.py)
+      return "ragged" if jax.default_backend() == "tpu" else "auto_local"
     moe_impl = "ep_ragged" if jax.default_backend() == "tpu" else "ep"
   if isinstance(moe_impl, ep_lib.EPConfig):
     return ep_lib.register_ep(moe_impl)
