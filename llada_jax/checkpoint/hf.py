@@ -6,15 +6,17 @@ experts) on leading axes and store matrices `[in, out]`. `hf_tensor_table` is th
 both directions use: one `HFTensor` per official name, saying which slice of which leaf it is
 and whether it is transposed.
 
-Tensors are read with `safetensors` under the numpy framework (safetensors 0.8.0 maps BF16 to
-`ml_dtypes.bfloat16` numpy arrays, so fp32, bf16 and fp16 checkpoints go through the same code)
-and written by a streaming writer that lays files out exactly as `safetensors.numpy.save_file`
-does, one tensor in host memory at a time.
+Checkpoints are validated with `safetensors` (names, shapes, dtypes); tensors are read by
+`llada_jax.checkpoint.sharded.TensorReader`, which copies the wanted slices straight out of the
+files into the stacked leaf (or device block) being built, BF16 as `ml_dtypes.bfloat16`, so fp32,
+bf16 and fp16 checkpoints go through the same code. Tensors are written by a streaming writer
+that lays files out exactly as `safetensors.numpy.save_file` does, one tensor in host memory at
+a time.
 
 With a mesh, `load_hf_checkpoint` creates every param directly in its `NamedSharding` (from the
-logical-axis rules), each process reading only the slices its own devices hold
-(`llada_jax.checkpoint.sharded`); `save_hf_checkpoint` takes sharded params, gathers them one
-tensor at a time and writes from process 0 only.
+logical-axis rules), each process reading only the slices its own devices hold, once for all
+local replicas (`llada_jax.checkpoint.sharded`); `save_hf_checkpoint` takes sharded params,
+gathers them one tensor at a time and writes from process 0 only.
 """
 
 from __future__ import annotations
@@ -209,11 +211,6 @@ def _check_tensors(path: str, c: ModelConfig, files: dict[str, str]) -> None:
     raise _mismatch_error(f"checkpoint {path}", problems)
 
 
-def _empty_params(c: ModelConfig) -> dict:
-  """Nested dict of uninitialised numpy arrays, one per leaf, in the storage dtype of `c`."""
-  return jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), param_shapes(c))
-
-
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, mesh=None,
                        rules=None) -> tuple[ModelConfig, Params]:
   """Loads an HF LLaDA2 checkpoint directory (or hub id) into `(config, params)`.
@@ -225,14 +222,17 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, mesh=None,
   `param_dtype` and the compute `dtype`. Router leaves stay float32. Every tensor is checked
   (names, shapes) before any weight is read; all problems are reported in one `ValueError`.
 
-  Without `mesh`, weights are streamed tensor by tensor into preallocated stacked arrays (one
-  host copy of the model plus one tensor at a time) and put on the default device. With `mesh`
-  (a `jax.sharding.Mesh`, e.g. `llada_jax.parallel.make_mesh("data=2,expert=4")`), every leaf
-  is created directly in its `NamedSharding` from the logical-axis `rules` (anything
-  `llada_jax.parallel.rules.normalize_rules` takes; default `DEFAULT_RULES`): each addressable
-  device's block is read from the files, only the slices of the HF tensors it holds, and put on
-  that device before the next block is read (on multi-host: only this process's devices).
-  Values equal the unsharded load exactly. `rules` is only used with a `mesh`.
+  Without `mesh`, each stacked leaf is read into one host array and put on the default device
+  before the next leaf is read (on CPU the host array becomes the device buffer: no second copy).
+  With `mesh` (a `jax.sharding.Mesh`, e.g. `llada_jax.parallel.make_mesh("data=2,expert=4")`),
+  every leaf is created directly in its `NamedSharding` from the logical-axis `rules` (anything
+  `llada_jax.parallel.rules.normalize_rules` takes; default `DEFAULT_RULES`): each distinct
+  block of the addressable devices is read from the files once, only the slices of the HF
+  tensors it holds, and put on the devices holding it before the next block is read (on
+  multi-host: only this process's devices). Either way the host holds, besides the params made
+  so far, at most one leaf or block and a bounded window of file pages
+  (`llada_jax.checkpoint.sharded`). Values equal the unsharded load exactly. `rules` is only used
+  with a `mesh`.
   """
   path = os.path.abspath(resolve_checkpoint(path))
   config = _with_dtype(ModelConfig.from_json_file(os.path.join(path, CONFIG_NAME)), dtype)
@@ -240,17 +240,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, mesh=None,
   _check_tensors(path, config, files)
   if mesh is not None:
     return config, _load_sharded(config, files, mesh, rules)
-  host = _empty_params(config)
-  by_file: dict[str, list[HFTensor]] = {}
-  for t in hf_tensor_table(config):
-    by_file.setdefault(files[t.name], []).append(t)
-  for file, tensors in by_file.items():
-    with safe_open(file, framework="numpy") as f:
-      for t in tensors:
-        x = f.get_tensor(t.name)
-        _get(host, t.path)[t.index] = x.T if t.transpose else x  # casts to the leaf dtype
-        del x
-  return config, _to_device(host)
+  return config, _load_unsharded(config, files)
 
 
 def leaf_plans(c: ModelConfig) -> dict[tuple[str, ...], sharded.LeafPlan]:
@@ -265,28 +255,34 @@ def leaf_plans(c: ModelConfig) -> dict[tuple[str, ...], sharded.LeafPlan]:
   return plans
 
 
+def _as_params(c: ModelConfig, leaves: dict[tuple[str, ...], Any]) -> Params:
+  """The params pytree (nested dicts in `param_shapes` order) of `leaves` (path -> leaf)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: leaves[tuple(k.key for k in p)], param_shapes(c))
+
+
 def _load_sharded(c: ModelConfig, files: dict[str, str], mesh, rules) -> Params:
   """Every leaf read straight into its `NamedSharding` on `mesh` (see `load_hf_checkpoint`)."""
   from llada_jax.parallel.rules import param_shardings  # noqa: PLC0415 (import cycle)
   shardings = param_shardings(c, mesh, rules)
-  out: dict = {}
+  leaves = {}
   with sharded.TensorReader(files) as reader:
     for path, leaf in leaf_plans(c).items():
-      node = out
-      for k in path[:-1]:
-        node = node.setdefault(k, {})
-      node[path[-1]] = sharded.load_leaf(reader, leaf, _get(shardings, path))
-  return out
+      leaves[path] = sharded.load_leaf(reader, leaf, _get(shardings, path))
+  return _as_params(c, leaves)
 
 
-def _to_device(host: dict) -> Params:
-  """Moves a nested dict of numpy arrays to jax arrays leaf by leaf, dropping each host copy."""
-  out: dict = {}
-  for k in list(host):
-    v = host.pop(k)
-    out[k] = _to_device(v) if isinstance(v, dict) else jax.device_put(v)
-    del v
-  return out
+def _load_unsharded(c: ModelConfig, files: dict[str, str]) -> Params:
+  """Every leaf read whole (`sharded.read_shard`) and put on the default device (uncommitted),
+  the host array released before the next leaf is read."""
+  leaves = {}
+  with sharded.TensorReader(files) as reader:
+    for path, leaf in leaf_plans(c).items():
+      host = sharded.read_shard(reader, leaf, tuple(slice(None) for _ in leaf.shape))
+      leaves[path] = jax.device_put(host)
+      del host
+      leaves[path].block_until_ready()
+  return _as_params(c, leaves)
 
 
 # ---- saving --------------------------------------------------------------------------------------
