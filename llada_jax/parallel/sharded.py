@@ -148,9 +148,8 @@ def resolve_moe_impl(moe_impl, mesh=None, rules=None, *, dropless: bool = False)
 
   "auto": without a mesh "ragged" (`lax.ragged_dot`) on TPU and "auto_local" elsewhere (dense
   or sorted tiles, chosen per static shape: `llada_jax.model.moe.choose_experts`); with one the
-  dropless expert-parallel
-  path, "ep_ragged" (ragged_all_to_all) on TPU and "ep" (dense all_to_all at worst-case
-  capacity) elsewhere. An `EPConfig` is registered; the built-in "ep"/"ep_ragged" follow `rules`
+  dropless expert-parallel path, "ep_ragged" (ragged_all_to_all) on TPU and "ep" (dense
+  all_to_all at worst-case capacity) elsewhere. An `EPConfig` is registered; the built-in "ep"/"ep_ragged" follow `rules`
   when they differ from the defaults (so the experts' in-specs match the params).
   `dropless=True` (decoding) refuses a dispatch that can drop token copies (capacity_factor > 0):
   a dropped copy would silently change the decoded tokens."""
