@@ -6,8 +6,13 @@
    top-8, expert width 512) with small N. Implementations are timed round-robin (one call of
    each per round) so a busy machine slows them alike; the table shows medians and each one's
    ratio to "ragged". What `moe_impl="auto"` picks for the size is named in the last column.
+   An implementation that would take over --slow-s per call at the next N (linear in N from
+   the last one) is left out there ("-"). "tile_loop" runs with its default tile height, i.e.
+   the same program as "auto_local" wherever auto picks the tile loop: the two columns differ by
+   the machine's noise only.
 2) One jitted forward of the mid-size model (6 layers) on a 32-token window against a
    1024-slot KV cache, with moe_impl auto (as resolved here), ragged and dense.
+3) value_and_grad of one mid-size MoE layer (training differentiates through moe_impl).
 
 Besides the library's implementations (ragged, dense, bucketed, tile_loop, auto_local) it
 times three dropless alternatives defined here: "bucket_wc" ([E, N, D] buffers at the worst-case
