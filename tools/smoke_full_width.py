@@ -84,7 +84,8 @@ def run_cli(ckpt: str, mesh: str | None, devices: int, prompt: list[int], gen_le
     stdout, stderr = so.read(), se.read()
   wall = time.perf_counter() - t0
   if p.returncode:
-    raise SystemExit(f"decode CLI failed ({mesh}):\n{stderr[-3000:]}")
+    raise SystemExit(f"decode CLI failed ({mesh}, exit {p.returncode}, peak host memory "
+                     f"{usage.ru_maxrss / 2**20:.2f} GB):\n{stderr[-3000:]}")
   out = json.loads(stdout.strip().splitlines()[-1])
   out.update(wall_seconds=round(wall, 1), peak_rss_gb=round(usage.ru_maxrss / 2**20, 2))
   return out
