@@ -27,7 +27,7 @@ import numpy as np
 from llada_jax import masks
 from llada_jax.config import ModelConfig
 from llada_jax.decode.settings import DecodeSettings
-from llada_jax.decode.update import get_update, sample
+from llada_jax.decode.update import get_sampler, get_update, sample
 from llada_jax.model import kv_cache
 from llada_jax.model.transformer import ForwardOutput, forward_core
 
@@ -47,6 +47,10 @@ class StaticSpec:
   attention_impl: str = "xla"
   moe_impl: str = "ragged"
   update_impl: str = "jnp"
+  # "logits": the forward returns [B, W, V] logits for `sample`; "fused" / "pallas" /
+  # "pallas_tpu": it returns the final hidden states and the sampler applies lm_head over
+  # vocabulary tiles (`decode.update.get_sampler`).
+  sampler_impl: str = "logits"
   use_cache: bool = True  # False: recompute the whole canvas every step (the reference way)
   batch_invariant: bool = False  # True: rows run one at a time (bitwise batch-independent)
   stream: bool = False  # True: host callback `on_block` whenever rows finish a block
@@ -125,7 +129,7 @@ def _row_mapped(fwd, enabled: bool):
     return fwd
 
   def run(params, c, tokens, positions, layout, *, cache=None, cache_layout=None,
-          with_logits=True):
+          with_logits=True, with_hidden=False):
     take = lambda x, axis=0: jax.lax.dynamic_slice_in_dim(x, i_ref[0], 1, axis=axis)
     i_ref = [None]
 
@@ -136,26 +140,35 @@ def _row_mapped(fwd, enabled: bool):
                     lambda x: take(x, 1), cache),
                 cache_layout=None if cache_layout is None else jax.tree_util.tree_map(
                     take, cache_layout),
-                with_logits=with_logits)
+                with_logits=with_logits, with_hidden=with_hidden)
       return (out.logits[0] if with_logits else None,
+              out.final_hidden[0] if with_hidden else None,
               jax.tree_util.tree_map(lambda x: x[:, 0], out.kv))
 
-    logits, kv = jax.lax.map(body, jnp.arange(tokens.shape[0]))
+    logits, hidden, kv = jax.lax.map(body, jnp.arange(tokens.shape[0]))
     return ForwardOutput(logits=logits,
-                         kv=jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), kv))
+                         kv=jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), kv),
+                         final_hidden=hidden)
   return run
 
 
-def _row_mapped_sampler(enabled: bool):
+def _row_mapped_sampler(enabled: bool, impl: str = "logits", lm_head=None):
+  """The step's sampler: x `[B, W, V]` logits (impl "logits") or `[B, W, D]` final hidden states
+  (the fused impls, which apply `lm_head` themselves) -> tokens, confidence `[B, W]`."""
+  if impl == "logits":
+    fn = sample
+  else:
+    fused = get_sampler(impl)
+    fn = lambda x, *a, **k: fused(x, lm_head, *a, **k)
   if not enabled:
-    return sample
+    return fn
 
-  def run(logits, keys, temperature, top_k, top_p, *, greedy):
+  def run(x, keys, temperature, top_k, top_p, *, greedy):
     def body(xs):
-      lg, k = xs
-      tok, conf = sample(lg[None], k[None], temperature, top_k, top_p, greedy=greedy)
+      xr, k = xs
+      tok, conf = fn(xr[None], k[None], temperature, top_k, top_p, greedy=greedy)
       return tok[0], conf[0]
-    return jax.lax.map(body, (logits, keys))
+    return jax.lax.map(body, (x, keys))
   return run
 
 
@@ -225,7 +238,8 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
   v21 = spec.algorithm == "llada2.1"
   fwd = _row_mapped(functools.partial(forward_core, attention_impl=spec.attention_impl,
                                       moe_impl=spec.moe_impl), spec.batch_invariant)
-  sampler = _row_mapped_sampler(spec.batch_invariant)
+  fused = spec.sampler_impl != "logits"  # the window forward returns hidden states, not logits
+  get_sampler(spec.sampler_impl)  # unknown names fail here, before tracing the loop
 
   first_block = prompt_len // bl
   num_blocks = (prompt_len + spec.gen_length + bl - 1) // bl
@@ -279,14 +293,16 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
     return tokens, pos, live, start
 
   def _recompute_window_logits(cr: Carry, tokens, start, live):
-    """No-cache baseline: the whole canvas, block-causal, with the live window as one block."""
+    """No-cache baseline: the whole canvas, block-causal, with the live window as one block.
+    Returns the window's logits, or its final hidden states when the sampler is fused."""
     flat = cr.canvas[:, pad:]
     p = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
     in_window = (p >= jnp.maximum(start, cr.first_block * bl)[:, None]) & (
         p < ((cr.block + 1) * bl)[:, None])
     blk = jnp.where(in_window, cr.block[:, None], p // bl)
     lay = masks.Layout(blk, jnp.zeros((batch, t), bool), jnp.zeros((batch, t), jnp.int32))
-    logits = fwd(cr.params, c, flat, p, lay).logits
+    out = fwd(cr.params, c, flat, p, lay, with_logits=not fused, with_hidden=fused)
+    logits = out.final_hidden if fused else out.logits
     return _slice_rows_3d(jnp.concatenate(
         [jnp.zeros((batch, pad) + logits.shape[2:], logits.dtype), logits], axis=1),
         start + pad, win)
@@ -345,7 +361,7 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
       active = ~cr.done
       tokens, pos, live, start = window_of(cr)
       def window_forward(canvas):
-        """(the window's logits, its tokens)."""
+        """(logits, or final hidden states when the sampler is fused; the window's tokens)."""
         tokens = window_of(cr.replace(canvas=canvas))[0]
         if not spec.use_cache:
           return _recompute_window_logits(cr, tokens, start, live), tokens
@@ -354,8 +370,10 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
         lay = masks.Layout(jnp.broadcast_to(cr.block[:, None], pos.shape),
                            jnp.zeros(pos.shape, bool), seg)
         out = fwd(cr.params, c, tokens, jnp.maximum(pos, 0), lay, cache=cr.cache,
-                  cache_layout=_cache_layout(batch, cache_slots, cache_end, bl))
-        return out.logits, tokens
+                  cache_layout=_cache_layout(batch, cache_slots, cache_end, bl),
+                  with_logits=not fused,
+                  with_hidden=fused)
+        return (out.final_hidden if fused else out.logits), tokens  # [B, W, D] when fused
 
       def skipped(canvas):
         zeros = jax.eval_shape(window_forward, canvas)[0]
@@ -369,6 +387,8 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
       # fill / edit counts) and copy the canvas to keep it alive.
       logits, tokens = jax.lax.cond(jnp.any(active), window_forward, skipped, cr.canvas)
       step_keys = jax.vmap(jax.random.fold_in)(cr.keys, cr.nfe)
+      lm_head = cr.params["lm_head"].astype(jnp.dtype(c.dtype)) if fused else None
+      sampler = _row_mapped_sampler(spec.batch_invariant, spec.sampler_impl, lm_head)
       tok, conf = sampler(logits, step_keys, knobs.temperature, knobs.top_k, knobs.top_p,
                           greedy=spec.greedy)
       masked = (tokens == knobs.mask_id) & live

@@ -89,6 +89,7 @@ class ForwardOutput:
   hidden_states: jax.Array | None = None  # [num_layers + 1, B, T, D] (HF convention)
   router_logits: jax.Array | None = None  # [num_moe_layers, B, T, E] float32
   router_idx: jax.Array | None = None  # [num_moe_layers, B, T, K] int32
+  final_hidden: jax.Array | None = None  # [B, T, D] after the final norm (with_hidden=True)
 
 
 def _cast(tree: Any, dtype) -> Any:
@@ -137,7 +138,8 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
                  cache_layout: masks.Layout | None = None, with_logits: bool = True,
                  collect: bool = False, attention_impl: str = "xla",
                  moe_impl: str = "ragged", logits_slice: tuple[int, int] | None = None,
-                 embed_delta: jax.Array | None = None, remat: bool = False) -> ForwardOutput:
+                 embed_delta: jax.Array | None = None, remat: bool = False,
+                 with_hidden: bool = False) -> ForwardOutput:
   """Runs the model on `tokens` `[B, T]` at absolute `positions` `[B, T]`.
 
   Keys are the cache slots (described by `cache_layout`, `[B, S]`) followed by the tokens
@@ -148,6 +150,8 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   `logits_slice=(a, b)` computes logits for tokens a..b only (e.g. the noisy half in training).
   `embed_delta` `[B, T, D]` is added to the embedding output (noise on masked embeddings).
   `remat=True` rematerialises each layer in the backward pass (activation memory ~ one layer).
+  `with_hidden=True` also returns the final-normed hidden states `final_hidden` (for a sampler
+  fused with the LM head; with `with_logits=False` no logits are computed).
   """
   dtype = jnp.dtype(c.dtype)
   p = _cast(params, dtype)
@@ -195,7 +199,8 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   if collect:
     hs = jnp.stack(hidden[:-1] + [x])  # HF: the last entry is the final-normed state
   return ForwardOutput(logits=logits, kv=kv, hidden_states=hs, router_logits=router_logits,
-                       router_idx=router_idx)
+                       router_idx=router_idx,
+                       final_hidden=x if with_hidden else None)
 
 
 @functools.partial(jax.jit, static_argnames=("c", "block_length", "attention_impl", "moe_impl",
