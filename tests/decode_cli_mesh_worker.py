@@ -2,7 +2,7 @@
 `test_decode_cli_mesh.py`:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/decode_cli_mesh_worker.py \
-      MESH ATTENTION_IMPL
+      MESH ATTENTION_IMPL [EXTRA CLI FLAGS...]
 
 Runs `python -m llada_jax.decode` (its `main`, in this process) for every fixture `generate()`
 run of both fixture sets with `--mesh MESH --attention-impl ATTENTION_IMPL --format json`, and
@@ -28,14 +28,14 @@ from test_cli import _flags  # noqa: E402
 from llada_jax.decode.__main__ import main  # noqa: E402
 
 
-def run_all(mesh: str, attention_impl: str) -> dict:
+def run_all(mesh: str, attention_impl: str, extra: list[str]) -> dict:
   res = {}
   for name in FIXTURE_NAMES:
     g = golden(name)
     for run in g.runs():
       out = io.StringIO()
       with contextlib.redirect_stdout(out):
-        rc = main(_flags(g, run) + ["--mesh", mesh, "--attention-impl", attention_impl])
+        rc = main(_flags(g, run) + ["--mesh", mesh, "--attention-impl", attention_impl, *extra])
       rec = json.loads(out.getvalue()) if rc == 0 else {}
       res[f"{name}|{run['name']}"] = dict(
           rc=rc, tokens=rec.get("output_ids") == expected_output(g, run),
@@ -44,4 +44,4 @@ def run_all(mesh: str, attention_impl: str) -> dict:
 
 
 if __name__ == "__main__":
-  print(json.dumps(run_all(sys.argv[1], sys.argv[2])))
+  print(json.dumps(run_all(sys.argv[1], sys.argv[2], sys.argv[3:])))

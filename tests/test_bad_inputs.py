@@ -531,3 +531,95 @@ def test_config_file_errors_name_the_file(tmp_path):
   with pytest.raises(InputError) as e:
     ModelConfig.from_json_file(tmp_path)
   assert str(e.value).startswith(f"invalid model config {tmp_path / 'config.json'}: use_qk_norm")
+
+
+# ---- the train CLI: every bad config, flag or data file is one line, exit 2, before compiling --
+TRAIN_CFG = os.path.join(ROOT, "configs", "tiny_pretrain.py")
+DATA_FILES = {
+    "ok.txt": "hello world\nsecond line\n",
+    "bad.jsonl": '{"text": "abc"}\n{"text": 5\n',
+    "empty.jsonl": "",
+    "notext.jsonl": '{"txt": "abc"}\n',
+    "broken_cfg.py": "x = (\n",
+    "nameerr_cfg.py": "def get_config():\n  return foo\n",
+}
+OK = "--config.data.source={d}/ok.txt"
+TRAIN_CASES = [
+    # (id, argv after --workdir, expected fragment of the one line)
+    ("batch_size=0", [OK, "--config.data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+    ("seq_len<0", [OK, "--config.data.seq_len=-5"], "data.seq_len=-5 must be >= 1"),
+    ("log_every=0", [OK, "--config.log_every=0"], "log_every=0 must be >= 1"),
+    ("ckpt_every=0", [OK, "--config.ckpt_every=0"], "ckpt_every=0 must be >= 1"),
+    ("lr<0", [OK, "--config.optim.lr=-1"], "optim.lr=-1.0 must be >= 0"),
+    ("b2 as percent", [OK, "--config.optim.b2=95"], "not a percentage"),
+    ("steps=0", [OK, "--config.steps=0"], "steps=0 must be >= 1"),
+    ("unknown key", [OK, "--config.seq_len=5"], "--config.seq_len: no such key"),
+    ("typo key", [OK, "--config.data.sourc=x"], 'Did you mean "source"'),
+    ("not an int", [OK, "--config.data.batch_size=x"], "--config.data.batch_size=x"),
+    ("unknown flag", [OK, "--bogus"], "Unknown command line flag 'bogus'"),
+    ("bad mesh", [OK, "--config.mesh=fsdp=x"], "fsdp"),
+    ("bad stage", [OK, "--config.stage=pretrain"], "stage 'pretrain'"),
+    ("missing source", ["--config.data.source={d}/missing.txt"], "does not exist"),
+    ("invalid jsonl", ["--config.data.source={d}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
+    ("empty jsonl", ["--config.data.source={d}/empty.jsonl"], "empty corpus"),
+    ("record without text", ["--config.data.source={d}/notext.jsonl"], 'needs "text"'),
+]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+  d = tmp_path / "data"
+  d.mkdir()
+  for name, text in DATA_FILES.items():
+    (d / name).write_text(text)
+  return d
+
+
+def _train(argv):
+  from llada_jax.train.__main__ import main as train_main  # noqa: PLC0415
+  return train_main(argv)
+
+
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in TRAIN_CASES],
+                         ids=[c[0] for c in TRAIN_CASES])
+def test_train_bad_input_is_one_line_and_exit_2(tmp_path, data_dir, capsys, extra, expected):
+  workdir = tmp_path / "run"
+  argv = ["--config", TRAIN_CFG, "--workdir", str(workdir), "--no_progress"]
+  status = _train(argv + [a.format(d=data_dir) for a in extra])
+  out, err = capsys.readouterr()
+  assert status == 2, (out, err)
+  assert expected in _one_error_line(err), err
+  assert not workdir.exists()  # a bad input leaves no run directory behind
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("missing.py", "--config: [Errno 2] No such file or directory"),
+    ("broken_cfg.py", "broken_cfg.py:1: '(' was never closed"),
+    ("nameerr_cfg.py", "NameError: name 'foo' is not defined"),
+])
+def test_train_bad_config_file(tmp_path, data_dir, capsys, config, expected):
+  assert _train(["--config", str(data_dir / config), "--workdir", str(tmp_path / "w")]) == 2
+  assert expected in _one_error_line(capsys.readouterr().err)
+
+
+def test_train_needs_config_and_workdir(capsys):
+  assert _train(["--config", TRAIN_CFG]) == 2
+  assert "--config FILE and --workdir DIR are required" in _one_error_line(
+      capsys.readouterr().err)
+
+
+def test_train_help_lists_the_flags(capsys):
+  assert _train(["--help"]) == 0
+  out = capsys.readouterr().out
+  for flag in ("--config:", "--workdir:", "--export_hf:", "--force:", "--config.KEY=VALUE"):
+    assert flag in out, out
+
+
+def test_train_existing_workdir_is_kept_on_bad_input(tmp_path, data_dir, capsys):
+  workdir = tmp_path / "mine"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("keep me")
+  assert _train(["--config", TRAIN_CFG, "--workdir", str(workdir),
+                 f"--config.data.source={data_dir}/empty.jsonl"]) == 2
+  assert (workdir / "notes.txt").read_text() == "keep me"
+  _one_error_line(capsys.readouterr().err)

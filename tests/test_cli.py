@@ -40,6 +40,16 @@ def test_cli_reproduces_fixture_runs(name, i, capsys):
   assert out["tpf"] == pytest.approx(len(out["output_ids"]) / run["nfe"])
 
 
+@pytest.mark.parametrize("impl", ["fused", "pallas"])
+def test_cli_sampler_impl_reproduces_fixture_runs(impl, capsys):
+  """`--sampler-impl`: the LM head fused into the sampler gives the fixture's tokens and NFE."""
+  g = golden("llada2_tiny")
+  for run in g.runs()[:3]:
+    assert main(_flags(g, run) + ["--sampler-impl", impl]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["output_ids"], out["nfe"]) == (expected_output(g, run), run["nfe"]), run["name"]
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--mode", "turbo", "--prompt-ids", "1"], "unknown mode"),
     (["--prompt-ids", "1", "--gen-length", "x"], "invalid int value"),
@@ -51,6 +61,7 @@ def test_cli_reproduces_fixture_runs(name, i, capsys):
     (["--prompt-ids", "1", "--threshold"], "expected one argument"),
     ([], "give --prompt"),
     (["--prompt-ids", ""], "empty"),
+    (["--prompt-ids", "1", "--sampler-impl", "fast"], "unknown sampler_impl 'fast'"),
 ])
 def test_cli_errors_are_one_line(tiny, argv, msg, capsys):
   assert main(["--checkpoint", tiny.dir] + argv) == 2
@@ -166,3 +177,16 @@ def test_cli_loads_a_hub_id_from_the_local_cache(tiny, tmp_path):
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["output_ids"] == expected_output(tiny, run) and out["nfe"] == run["nfe"]
   assert out["checkpoint"].startswith(str(tmp_path / "hub"))
+
+
+def test_cli_reports_finish_and_warns_on_budget(tiny, capsys):
+  argv = ["--checkpoint", tiny.dir, "--prompt-ids", "1,2,3", "--gen-length", "16",
+          "--block-length", "8", "--format", "json"]
+  assert main(argv) == 0
+  out, err = capsys.readouterr()
+  assert json.loads(out)["finish"] in ("eos", "length") and "warning" not in err
+  assert main(argv + ["--max-iterations", "2"]) == 0
+  out, err = capsys.readouterr()
+  assert json.loads(out)["finish"] == "budget"
+  assert err.startswith("warning: row(s) [0] stopped unfinished (finish 'budget')"), err
+  assert err.count("\n") == 1

@@ -192,3 +192,38 @@ def test_streaming_callback_reports_each_block(tiny):
 def test_bad_inputs(tiny, prompts, kw, msg):
   with pytest.raises(ValueError, match=msg):
     llada_jax.generate(tiny.params, tiny.config, prompts, **kw)
+
+
+def _predicts_its_mask(g):
+  """The fixture's params with the LM head's mask-id column scaled up: argmax is the mask id."""
+  params = jax.tree.map(lambda x: x, g.params)
+  head = np.array(params["lm_head"])
+  head[:, g.config.mask_token_id] = np.abs(head).max() * 50 * np.sign(head.sum(0).max() or 1)
+  params["lm_head"] = jax.numpy.asarray(head)
+  return params
+
+
+@pytest.mark.parametrize("mode, algorithm", [("quality", "llada2.1"), ("speedy", "llada2.1"),
+                                             ("quality", "llada2.0")])
+def test_a_model_predicting_its_mask_ends_with_status_budget(tiny, mode, algorithm):
+  """SPEC's reference keeps sampling (a filled mask stays a mask); what bounds the loop is the
+  iteration budget (llada2.1) or the block's steps (llada2.0): rows end with finish 'budget',
+  mask ids in the output, and a warning — never silently."""
+  params = _predicts_its_mask(tiny)
+  with pytest.warns(llada_jax.decode.api.BudgetWarning, match=r"row\(s\) \[0, 1\]"):
+    r = llada_jax.generate(params, tiny.config, [tiny.prompt, tiny.prompt[:3]], mode=mode,
+                           algorithm=algorithm, gen_length=16, block_length=8)
+  assert r.finish == ["budget", "budget"]
+  assert all(tiny.config.mask_token_id in ids for ids in r.output_ids)
+
+
+def test_finish_status_eos_length_and_an_explicit_budget(tiny, recwarn):
+  kw = dict(gen_length=32, block_length=8, mode="quality")
+  r = llada_jax.generate(tiny.params, tiny.config, [tiny.prompt], eos_early_stop=False, **kw)
+  eos = tiny.config.eos_token_id
+  assert r.finish == ["eos" if r.output_ids[0][-1] == eos else "length"]
+  assert tiny.config.mask_token_id not in r.output_ids[0]
+  assert not [w for w in recwarn if issubclass(w.category, llada_jax.decode.api.BudgetWarning)]
+  with pytest.warns(llada_jax.decode.api.BudgetWarning):
+    short = llada_jax.generate(tiny.params, tiny.config, [tiny.prompt], max_iterations=3, **kw)
+  assert short.finish == ["budget"] and short.nfe[0] <= 3

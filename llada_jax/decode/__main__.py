@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 from llada_jax.decode.settings import ALGORITHMS, MODES
 from llada_jax.errors import InputError, run_main
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--threshold", type=float, default=None)
   p.add_argument("--editing-threshold", type=float, default=None)
   p.add_argument("--max-post-steps", type=int, default=None)
+  p.add_argument("--max-iterations", type=int, default=None,
+                 help="the decode loop's iteration budget (0: the default); rows that reach it "
+                 "end with finish 'budget' and a warning")
   p.add_argument("--num-to-transfer", type=int, default=None)
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--temperature", type=float, default=None)
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--attention-impl", default="auto",
                  help="auto (the Pallas kernel on TPU, XLA elsewhere) | xla | pallas | pallas_tpu")
   p.add_argument("--update-impl", default="jnp", help="jnp | pallas | pallas_tpu")
+  p.add_argument("--sampler-impl", default="logits",
+                 help="logits (full [B, W, V] logits) | fused (LM head over vocabulary tiles "
+                 "in the sampler: same tokens, less memory traffic) | pallas | pallas_tpu "
+                 "(greedy kernel, one device)")
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
   p.add_argument("--batch-invariant", action="store_true",
                  help="run rows one at a time (bitwise independent of the batch)")
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings_overrides(args) -> dict:
   keys = ("algorithm", "gen_length", "block_length", "threshold", "editing_threshold",
           "max_post_steps", "num_to_transfer", "steps", "temperature", "top_k", "top_p", "seed",
-          "eos_id", "mask_id", "eos_early_stop", "mbe_window")
+          "eos_id", "mask_id", "eos_early_stop", "mbe_window", "max_iterations")
   return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
@@ -128,7 +136,7 @@ def _mesh_spec(flag: str | None) -> str | None:
 def _check_impls(args) -> None:
   """Unknown --attention-impl / --moe-impl / --update-impl names, before the load ("auto" is
   resolved later, with the devices)."""
-  from llada_jax.decode.update import get_update  # noqa: PLC0415
+  from llada_jax.decode.update import get_sampler, get_update  # noqa: PLC0415
   from llada_jax.model.moe import expert_impl_names  # noqa: PLC0415
   from llada_jax.model.transformer import get_attention  # noqa: PLC0415
   if args.attention_impl != "auto":
@@ -137,6 +145,7 @@ def _check_impls(args) -> None:
     raise UsageError(f"unknown --moe-impl {args.moe_impl!r}; choose from auto, "
                      f"{', '.join(expert_impl_names())}")
   get_update(args.update_impl)
+  get_sampler(args.sampler_impl)
 
 
 def _weight_files(ckpt: str) -> list[str]:
@@ -274,10 +283,14 @@ def run(argv=None) -> int:
         print(f"[row {i} block {int(block[i])}] {shown}", flush=True)
   decode = lambda: llada_jax.generate(
       params, config, prompts, mode=args.mode, attention_impl=args.attention_impl,
-      update_impl=args.update_impl, moe_impl=args.moe_impl, mesh=mesh,
+      update_impl=args.update_impl, sampler_impl=args.sampler_impl, moe_impl=args.moe_impl,
+      mesh=mesh,
       batch_invariant=args.batch_invariant, on_block=on_block, **_settings_overrides(args))
+  from llada_jax.decode.api import BudgetWarning  # noqa: PLC0415
   t0 = time.perf_counter()
-  result = decode()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", BudgetWarning)  # reported below, once, in the CLI's words
+    result = decode()
   seconds = time.perf_counter() - t0
   timing = dict(load_seconds=round(load_seconds, 3), seconds=round(seconds, 3))
   if args.timing:  # the same decode again: the compiled program's run time alone
@@ -290,10 +303,15 @@ def run(argv=None) -> int:
   rows = []
   for i, ids in enumerate(result.output_ids):
     row = dict(prompt_ids=prompts[i], output_ids=ids, nfe=result.nfe[i], tpf=result.tpf[i],
-               fills=result.fills[i], edits=result.edits[i])
+               fills=result.fills[i], edits=result.edits[i], finish=result.finish[i])
     if tokenizer is not None:
       row["text"] = tokenizer.decode(ids)
     rows.append(row)
+  unfinished = [i for i, f in enumerate(result.finish) if f == "budget"]
+  if unfinished:
+    print(f"warning: row(s) {unfinished} stopped unfinished (finish 'budget'): mask id "
+          f"{result.settings.mask_id} left in the output because the model samples its own "
+          "mask token; raise --max-iterations (or --steps for llada2.0)", file=sys.stderr)
   if args.format == "json":
     out = dict(rows[0]) if len(rows) == 1 else {"rows": rows}
     out.update(settings=dataclasses.asdict(result.settings), mode=args.mode,
@@ -308,7 +326,7 @@ def run(argv=None) -> int:
       print(f"{prefix}{body}")
       print(f"{prefix}-- {len(row['output_ids'])} tokens, nfe {row['nfe']}, "
             f"tpf {row['tpf']:.2f}, fills {row['fills']}, edits {row['edits']}, "
-            f"mode {args.mode}, {seconds:.1f}s (incl. compile)")
+            f"finish {row['finish']}, mode {args.mode}, {seconds:.1f}s (incl. compile)")
     if args.timing:
       print(f"-- load {load_seconds:.1f}s, decode {timing['run_seconds']:.2f}s without "
             f"compilation, {1e3 * timing['seconds_per_forward']:.1f} ms per forward")

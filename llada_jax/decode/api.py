@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -13,6 +14,7 @@ from llada_jax import parallel
 from llada_jax.config import ModelConfig
 from llada_jax.decode.generate import STREAM_HANDLERS, Knobs, StaticSpec, decode_jit
 from llada_jax.decode.settings import DecodeSettings
+from llada_jax.decode.update import get_sampler
 from llada_jax.model.transformer import get_attention, resolve_attention
 from llada_jax.parallel.memory import Workload
 
@@ -29,11 +31,28 @@ class GenerateResult:
   commits: int  # uncounted cache-commit forwards (batch-wide)
   settings: DecodeSettings
   trajectory: list[list[dict]] | None = None  # per row, per forward: start, tokens, fill, edit
+  # Per row, why decoding stopped: "eos" (output ends at an EOS), "length" (gen_length tokens,
+  # no EOS), or "budget": the iteration budget (`DecodeSettings.max_iterations`) ran out, or
+  # (LLaDA2.0) a block's `steps` ran out, with mask ids left in the output. That happens only
+  # when the model samples its own mask id (allowed, as in the reference: a filled mask stays a
+  # mask and the loop goes on); `generate` warns when any row ends so.
+  finish: list[str] = dataclasses.field(default_factory=list)
 
   def as_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["settings"] = dataclasses.asdict(self.settings)
     return d
+
+
+class BudgetWarning(UserWarning):
+  """Some rows ended with finish status "budget" (mask ids left in their output)."""
+
+
+def finish_status(output_ids: list[int], done: bool, s: DecodeSettings) -> str:
+  """"budget" when the row did not finish or holds a mask id, else "eos" or "length"."""
+  if not done or s.mask_id in output_ids:
+    return "budget"
+  return "eos" if output_ids and output_ids[-1] == s.eos_id else "length"
 
 
 def prompt_bucket(max_prompt: int, block_length: int) -> int:
@@ -67,8 +86,9 @@ def _row_shardings(inputs, mesh, rules):
 
 def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
              trajectory: bool = False, attention_impl: str = "auto", moe_impl: str = "auto",
-             update_impl: str = "jnp", use_cache: bool = True, batch_invariant: bool = False,
-             on_block=None, mesh=None, rules=None, **overrides) -> GenerateResult:
+             update_impl: str = "jnp", sampler_impl: str = "logits", use_cache: bool = True,
+             batch_invariant: bool = False, on_block=None, mesh=None, rules=None,
+             **overrides) -> GenerateResult:
   """Decodes a batch of ragged prompts with block diffusion (see `DecodeSettings` for knobs).
 
   `prompts` is a list of token-id lists. Row i samples with key fold_in(PRNGKey(seed), i).
@@ -83,12 +103,16 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
   params placed by the logical-axis `rules` (a no-op when already placed, e.g. by
   `load_hf_checkpoint(..., mesh=)`), rows split over the batch axes, and with `moe_impl="auto"`
   the experts run expert-parallel and dropless (`llada_jax.parallel.resolve_moe_impl`).
+  `sampler_impl`: "logits" (the window's [B, W, V] logits, then the sampler), "fused" (the LM
+  head applied over vocabulary tiles inside the sampler, no full logits; same tokens, any mesh),
+  "pallas" / "pallas_tpu" (greedy with the Pallas kernel; one device only).
   """
   s = DecodeSettings.for_mode(mode, **overrides).with_ids(config.eos_token_id,
                                                           config.mask_token_id)
   s.validate(config.vocab_size)
   attention_impl = resolve_attention(attention_impl)
   get_attention(attention_impl)  # one line on an unknown name, before any work
+  get_sampler(sampler_impl)
   rows = _check_prompts(prompts, config, s)
   bl = s.block_length
   bucket = prompt_bucket(max(map(len, rows)), bl)
@@ -104,12 +128,15 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
                     block_length=bl, algorithm=s.algorithm, mbe_window=s.mbe_window,
                     greedy=s.temperature == 0, trajectory=record,
                     attention_impl=attention_impl, moe_impl=moe_impl, update_impl=update_impl,
-                    use_cache=use_cache, batch_invariant=batch_invariant,
+                    sampler_impl=sampler_impl, use_cache=use_cache, batch_invariant=batch_invariant,
                     stream=on_block is not None)
   base = jax.random.PRNGKey(s.seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(len(rows)))
   workload = Workload(batch=len(rows), prompt=bucket, gen=s.gen_length, block_length=bl)
   mesh = parallel.resolve_mesh(mesh, config, workload=workload, rules=rules)
+  if mesh is not None and mesh.size > 1 and sampler_impl.startswith("pallas"):
+    raise ValueError(f"sampler_impl {sampler_impl!r} runs on one device; under a mesh of "
+                     f"{mesh.size} devices use 'fused' (the same tokens, sharded by XLA)")
   spec = dataclasses.replace(spec, moe_impl=parallel.resolve_moe_impl(moe_impl, mesh, rules,
                                                                      dropless=True))
   inputs = (jnp.asarray(canvas), jnp.asarray(prompt_len), keys)
@@ -127,13 +154,19 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
   finally:
     if on_block is not None:
       STREAM_HANDLERS.remove(on_block)
-  ids, tpf = [], []
+  ids, tpf, finish = [], [], []
   for i in range(len(rows)):
     toks = [int(x) for x in out["tokens"][i]]
     if s.eos_id in toks:
       toks = toks[: toks.index(s.eos_id) + 1]
     ids.append(toks)
     tpf.append(len(toks) / max(int(out["nfe"][i]), 1))
+    finish.append(finish_status(toks, bool(out["done"][i]), s))
+  budget = [i for i, f in enumerate(finish) if f == "budget"]
+  if budget:
+    warnings.warn(f"decoding stopped unfinished (finish 'budget') for row(s) {budget}: mask id "
+                  f"{s.mask_id} left in the output; the model samples its own mask token "
+                  f"(raise max_iterations, or steps for llada2.0)", BudgetWarning, stacklevel=2)
   traj = None
   if trajectory:
     traj = []
@@ -148,4 +181,4 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
   return GenerateResult(output_ids=ids, nfe=[int(x) for x in out["nfe"]], tpf=tpf,
                         fills=[int(x) for x in out["fills"]],
                         edits=[int(x) for x in out["edits"]], commits=int(out["commits"]),
-                        settings=s, trajectory=traj)
+                        settings=s, trajectory=traj, finish=finish)

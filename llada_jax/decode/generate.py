@@ -71,6 +71,7 @@ class Knobs:
   eos_id: jax.Array
   mask_id: jax.Array
   eos_early_stop: jax.Array
+  max_iterations: jax.Array  # 0: the default budget
 
   @classmethod
   def from_settings(cls, s: DecodeSettings) -> "Knobs":
@@ -83,7 +84,8 @@ class Knobs:
                steps=jnp.asarray(steps, i32), temperature=jnp.asarray(s.temperature, f32),
                top_k=jnp.asarray(s.top_k, i32), top_p=jnp.asarray(s.top_p, f32),
                eos_id=jnp.asarray(s.eos_id, i32), mask_id=jnp.asarray(s.mask_id, i32),
-               eos_early_stop=jnp.asarray(s.eos_early_stop, bool))
+               eos_early_stop=jnp.asarray(s.eos_early_stop, bool),
+               max_iterations=jnp.asarray(s.max_iterations, i32))
 
 
 @flax.struct.dataclass
@@ -282,7 +284,8 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
       traj_fill=jnp.zeros((r, batch, win), bool), traj_edit=jnp.zeros((r, batch, win), bool))
 
   max_blocks = t // bl
-  max_iterations = max_blocks * (win + knobs.max_post_steps + 2) + 2
+  default_budget = max_blocks * (win + knobs.max_post_steps + 2) + 2
+  max_iterations = jnp.where(knobs.max_iterations > 0, knobs.max_iterations, default_budget)
 
   def window_of(cr: Carry):
     """Window tokens `[B, W]`, their canvas positions, and which of them are live."""
@@ -447,7 +450,7 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
       [flat, jnp.full((batch, spec.gen_length), knobs.mask_id, jnp.int32)], axis=1),
       prompt_len, spec.gen_length)
   return dict(tokens=out, nfe=cr.nfe, fills=cr.fills, edits=cr.edits, commits=cr.commits,
-              iterations=cr.iteration, traj_start=cr.traj_start, traj_tokens=cr.traj_tokens,
+              iterations=cr.iteration, done=cr.done, traj_start=cr.traj_start, traj_tokens=cr.traj_tokens,
               traj_fill=cr.traj_fill, traj_edit=cr.traj_edit)
 
 

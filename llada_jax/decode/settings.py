@@ -42,6 +42,11 @@ class DecodeSettings:
   mask_id: int = -1
   eos_early_stop: bool = True
   mbe_window: int = 1  # multi-block editing: blocks kept editable (1 = the reference algorithm)
+  # The loop's iteration budget (each iteration is one forward or a block advance). 0: the
+  # default, blocks * (block forwards + max_post_steps + 2) + 2, which every row reaches only
+  # when its model keeps writing the mask id back. A row stopped by it has finish status
+  # "budget" (see `GenerateResult.finish`).
+  max_iterations: int = 0
 
   @classmethod
   def for_mode(cls, mode: str = "quality", **overrides) -> "DecodeSettings":
@@ -76,7 +81,7 @@ class DecodeSettings:
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
         bad(f"{name} must be a positive integer, got {got(v)}")
-    for name in ("max_post_steps", "top_k"):
+    for name in ("max_post_steps", "top_k", "max_iterations"):
       v = getattr(self, name)
       if not _is_int(v) or v < 0:
         bad(f"{name} must be a non-negative integer (0 = {_ZERO_MEANS[name]}), got {got(v)}")
@@ -116,6 +121,7 @@ class DecodeSettings:
 
 
 _ZERO_MEANS = {"max_post_steps": "no editing forwards after a block has no mask",
+               "max_iterations": "the default budget",
                "top_k": "off"}
 
 

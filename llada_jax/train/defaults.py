@@ -37,9 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
       block_length=32, t_min=0.3, t_max=0.8, weighting="token_mean", complementary=False,
       edit_rate=0.0, mtf_rate=0.0, edit_weight=1.0, keep_weight=1.0, cap_weight=0.0,
       mask_embed_noise=0.0,
-      # moe_impl: "ragged" (lax.ragged_dot), "ep" / "ep_ragged" (expert parallel over the
-      # mesh's expert axis) or "auto" (expert parallel when the mesh has an expert axis).
-      attention_impl="xla", remat=False, moe_impl="ragged"))
+      # attention_impl: "auto" (the Pallas kernel on TPU, XLA elsewhere), "xla", "pallas", ...
+      # moe_impl: "auto" (expert parallel when the mesh has an expert axis, else the backend's
+      # local path: ragged_dot on TPU, dense or sorted tiles elsewhere), "ragged", "dense",
+      # "ep" / "ep_ragged" (expert parallel over the mesh's expert axis).
+      attention_impl="auto", remat=False, moe_impl="auto"))
   c.noise_steps = 0  # mask_embed_noise applies to the first noise_steps steps only
   c.wsd = ml_collections.ConfigDict(dict(enabled=False, stages=((0, 1),)))
   c.optim = ml_collections.ConfigDict(dict(
@@ -91,7 +93,7 @@ def pod_config(size: str, stage: str) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # fp32 master weights and moments, bf16 compute
   c.dtype = "bfloat16"
   c.objective.remat = True
-  c.objective.attention_impl = "pallas"
+  c.objective.attention_impl = "auto"  # the Pallas kernel under shard_map on TPU
   c.objective.moe_impl = "auto"  # expert parallel (ragged_all_to_all on TPU) over `expert`
   c.data.seq_len = 4096
   c.data.batch_size = 256 if size == "mini" else 512

@@ -11,6 +11,8 @@ import os
 import shutil
 import time
 
+from llada_jax.errors import InputError
+
 CONFIG_NAME = "config.json"
 RUN_INFO_NAME = "run_info.json"
 # Keys that may change between a run and its resumption: where and how it runs, how often it
@@ -22,7 +24,7 @@ OPERATIONAL = ("workdir", "export_hf", "log_every", "ckpt_every", "keep", "debug
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", RUN_INFO_NAME, CONFIG_NAME)
 
 
-class RunMismatch(ValueError):
+class RunMismatch(InputError):
   """The run directory was started with another config (one line, exit status 2)."""
 
 

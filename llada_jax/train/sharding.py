@@ -64,15 +64,13 @@ def build_mesh(spec) -> Mesh:
 
 
 def resolve_moe(name: str, mesh: Mesh, rules) -> str:
-  """`objective.moe_impl` under `mesh`: "auto" is the dropless expert-parallel path when the
-  mesh has an expert axis ("ep_ragged" on TPU, "ep" elsewhere) and "ragged" otherwise; the
-  expert-parallel names follow the rules (`llada_jax.parallel.sharded.resolve_moe_impl`)."""
-  if name == MOE_AUTO:
-    if dict(mesh.shape).get("expert", 1) == 1:
-      return "ragged"
-    name = "ep_ragged" if jax.default_backend() == "tpu" else "ep"
+  """`objective.moe_impl` under `mesh`, by `llada_jax.parallel.sharded.resolve_moe_impl` (the
+  same choice as decoding): "auto" is the dropless expert-parallel path when the mesh has an
+  expert axis ("ep_ragged" on TPU, "ep" elsewhere), else the backend's local one ("ragged" on
+  TPU, "auto_local" elsewhere); expert-parallel names follow the rules."""
   from llada_jax.parallel.sharded import resolve_moe_impl  # noqa: PLC0415
-  return resolve_moe_impl(name, rules=rules)
+  has_experts = dict(mesh.shape).get("expert", 1) > 1
+  return resolve_moe_impl(name, mesh if has_experts else None, rules=rules)
 
 
 def setup(cfg) -> TrainParallel:

@@ -14,8 +14,9 @@ by default) and `dtype` the compute dtype; the step casts the params to `dtype` 
 `param_dtype="bfloat16"` is pure-bf16 training (half the memory, updates below bf16 resolution
 are lost), with a warning.
 
-Preemption: SIGTERM finishes the current step, saves a checkpoint and ends the run with
-`preempted = True` (the CLI exits with status 75); rerunning resumes.
+Preemption: SIGTERM (or a first Ctrl-C) finishes the current step, saves a checkpoint and ends the
+run with `preempted = True` and `preempted_by` the signal's name (the CLI exits with status 75, or
+130 for Ctrl-C); rerunning resumes. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import random
 import signal
@@ -37,6 +39,7 @@ import optax
 
 import llada_jax
 from llada_jax.config import ModelConfig, get_preset
+from llada_jax.errors import InputError, describe_value
 from llada_jax.train import ebpo as ebpo_lib
 from llada_jax.train import run_files, sharding, steps, toy_tasks, wsd
 from llada_jax.train.objectives import ObjectiveConfig
@@ -47,7 +50,7 @@ DTYPES = ("float32", "bfloat16")
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
   """A bad training config: reported as one line before any work starts."""
 
 
@@ -75,12 +78,60 @@ def block_stages(cfg) -> tuple:
   return ((cfg.steps, cfg.objective.block_length),)
 
 
+# (config key, smallest allowed value, integer?) for the numeric fields of a training config.
+_NUMBERS = (
+    ("steps", 1, True), ("seed", 0, True), ("log_every", 1, True), ("ckpt_every", 1, True),
+    ("keep", 1, True), ("grad_accum_steps", 1, True), ("noise_steps", 0, True),
+    ("data.seq_len", 1, True), ("data.batch_size", 1, True),
+    ("objective.block_length", 1, True),
+    ("optim.lr", 0.0, False), ("optim.warmup_steps", 0, True), ("optim.clip", 0.0, False),
+    ("optim.weight_decay", 0.0, False), ("optim.decay_fraction", 0.0, False),
+    ("optim.final_lr_fraction", 0.0, False), ("optim.b1", 0.0, False), ("optim.b2", 0.0, False),
+    ("dpo.beta", 0.0, False), ("ebpo.group_size", 1, True), ("ebpo.gen_length", 1, True),
+    ("ebpo.updates_per_rollout", 1, True), ("ebpo.num_timesteps", 1, True),
+    ("eval_every", 0, True), ("eval_batches", 1, True),
+)
+# Fields that are fractions in [0, 1].
+_FRACTIONS = ("optim.decay_fraction", "optim.final_lr_fraction", "optim.b1", "optim.b2",
+              "objective.t_min", "objective.t_max", "objective.edit_rate",
+              "objective.mtf_rate", "ebpo.threshold", "ebpo.editing_threshold")
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _check_numbers(cfg) -> None:
+  """Types and ranges of the numeric fields (one line naming the field, value and range)."""
+  for name, low, integer in _NUMBERS:
+    v = _get(cfg, name)
+    if v is None:
+      continue
+    ok_type = (isinstance(v, int) if integer else isinstance(v, (int, float)))
+    if isinstance(v, bool) or not ok_type or (isinstance(v, float) and not math.isfinite(v)):
+      kind = "an integer" if integer else "a finite number"
+      raise ConfigError(f"{name}={describe_value(v)} must be {kind} >= {low}")
+    if v < low:
+      raise ConfigError(f"{name}={v} must be >= {low}")
+  for name in _FRACTIONS:
+    v = _get(cfg, name)
+    if v is None:
+      continue
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+      hint = " (a fraction, not a percentage)" if isinstance(v, (int, float)) and 1 < v <= 100 else ""
+      raise ConfigError(f"{name}={describe_value(v)} must be in [0, 1]{hint}")
+
+
 def validate(cfg) -> None:
   """Checks everything that can be checked before loading data or compiling."""
   if cfg.stage not in STAGES:
     raise ConfigError(f"stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
-  if cfg.steps < 1:
-    raise ConfigError("steps must be >= 1")
+  _check_numbers(cfg)
   for name in ("param_dtype", "dtype"):
     if cfg[name] not in DTYPES:
       raise ConfigError(f"{name} {cfg[name]!r} (choose from {', '.join(DTYPES)})")
@@ -356,6 +407,7 @@ class Trainer:
     self.manager = ocp.CheckpointManager(
         ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
     self.preempted = False
+    self.preempted_by = ""
     self._term = False
 
   # -- state --
@@ -458,25 +510,33 @@ class Trainer:
       return None
 
   # -- preemption --
-  def _on_sigterm(self, signum, frame) -> None:
+  def _on_signal(self, signum, frame) -> None:
+    if signum == signal.SIGINT and self._term:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
     self._term = True
+    self.preempted_by = signal.Signals(signum).name
 
-  def _install_sigterm(self):
-    try:
-      return signal.signal(signal.SIGTERM, self._on_sigterm)
-    except ValueError:  # not the main thread: no handler
-      return None
+  def _install_handlers(self) -> dict:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) finish the step and save; returns the handlers
+    to restore (none off the main thread)."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        previous[sig] = signal.signal(sig, self._on_signal)
+      except ValueError:  # not the main thread: no handler
+        pass
+    return previous
 
   # -- main --
   def run(self) -> dict:
     """Trains to `cfg.steps` (resuming from the latest checkpoint); returns the last logged
     metrics. After a SIGTERM it stops early with `self.preempted` set (checkpoint saved)."""
-    previous_handler = self._install_sigterm()
+    previous = self._install_handlers()
     try:
       return self._run()
     finally:
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
   def _run(self) -> dict:
     cfg = self.cfg
