@@ -64,6 +64,12 @@ def tiny() -> Golden:
   return golden("llada2_tiny")
 
 
+def pytest_collection_modifyitems(config, items):
+  """The long end-to-end checks (`slow`) first: with `-n 2` the workers then end together on
+  short tests instead of one of them finishing a long subprocess test alone."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_configure(config):
   # Share compiled programs between test processes (pytest-xdist workers) and runs.
   cache = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache")

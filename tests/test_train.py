@@ -301,3 +301,82 @@ def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path):
   assert [r["step"] for r in _metric_rows(d)][-2:] == [step + 1, step + 2]
   with open(d / "config.json") as f:
     assert json.load(f)["train"]["optim"]["lr"] == 0.01
+
+
+def test_balance_expert_bias_nudges_towards_the_mean_and_skips_the_optimizer():
+  from llada_jax.train.steps import balance_expert_bias
+  old = {"moe": {"router": {"expert_bias": np.zeros((2, 4), np.float32),
+                            "weight": np.zeros((3, 4))}}, "embed": np.ones(2)}
+  new = {"moe": {"router": {"expert_bias": np.full((2, 4), 0.5, np.float32),  # decayed / moved
+                            "weight": np.ones((3, 4))}}, "embed": np.zeros(2)}
+  load = np.array([[0, 2, 2, 4], [1, 1, 1, 1]], np.float32)  # layer means 2 and 1
+  out = balance_expert_bias(new, old, load, 1e-3)
+  np.testing.assert_allclose(out["moe"]["router"]["expert_bias"],
+                             [[1e-3, 0, 0, -1e-3], [0, 0, 0, 0]])
+  assert out["moe"]["router"]["weight"] is new["moe"]["router"]["weight"]
+  assert out["embed"] is new["embed"]
+  kept = balance_expert_bias(new, old, load, 0.0)["moe"]["router"]["expert_bias"]
+  np.testing.assert_array_equal(kept, old["moe"]["router"]["expert_bias"])
+
+
+def test_moe_load_is_logged_and_the_bias_balances_it(tmp_path):
+  """metrics.jsonl holds per-layer tokens per expert (every real token of the 2L forward, K
+  copies each) and max/min load over the mean; with moe_bias_rate the biases move by exactly
+  rate * sign(mean - load) per step, and without it they stay as initialised (weight decay on)."""
+  import llada_jax
+  rows = {}
+  for name, rate in (("off", 0.0), ("on", 1e-2)):
+    cfg = _config(steps=4, log_every=1, moe_bias_rate=rate, **{"optim.weight_decay": 0.1})
+    t = Trainer(cfg, str(tmp_path / name), progress=False)
+    t.run()
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      rows[name] = [json.loads(x) for x in f]
+    init = llada_jax.init_params(t.c, jax.random.PRNGKey(cfg.seed))["moe"]["router"]
+    bias = np.asarray(t.state["params"]["moe"]["router"]["expert_bias"])
+    moved = np.abs(bias - np.asarray(init["expert_bias"]))
+    if rate == 0:
+      assert moved.max() == 0.0
+    else:  # each step moves each entry by -rate, 0 or +rate
+      assert moved.max() > 0
+      steps = moved / rate
+      np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+  c = t.c
+  r = rows["off"][0]
+  tokens = np.asarray(r["expert_tokens"])
+  assert tokens.shape == (c.num_hidden_layers - c.first_k_dense_replace, c.num_experts)
+  per_layer = tokens.sum(-1)  # 2L layout: each real token twice, K experts each
+  assert len(set(per_layer.tolist())) == 1 and per_layer[0] % (2 * c.num_experts_per_tok) == 0
+  real = per_layer[0] / (2 * c.num_experts_per_tok)
+  assert 0 < real <= 32 * 8  # at most seq 32 x batch 8 (the task pads its rows)
+  np.testing.assert_allclose(r["expert_load_max"], tokens.max(-1) / tokens.mean(-1), rtol=1e-3)
+  assert all(x >= 1.0 for x in r["expert_load_max"])
+  assert all(0.0 <= x <= 1.0 for x in r["expert_load_min"])
+
+
+def test_held_out_evaluation_every_n_steps(tmp_path):
+  """eval_every: rows of eval_* metrics at those steps, on batches never trained on (a corpus's
+  validation split), the same batches and noise each time; the untrained model's held-out loss
+  falls as it trains. A corpus without a validation split is refused before any work."""
+  src = _corpus(tmp_path)
+  cfg = _config(steps=12, log_every=4, eval_every=6, eval_batches=2, **{
+      "data.task": "", "data.source": str(src), "data.validation_fraction": 0.25,
+      "data.dataset_dir": str(tmp_path / "ds"), "optim.lr": 3e-3})
+  t = Trainer(cfg, str(tmp_path / "ev"), progress=False)
+  t.run()
+  with open(tmp_path / "ev" / "metrics.jsonl") as f:
+    rows = [json.loads(x) for x in f]
+  evals = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [6, 12]
+  assert {"eval_m2t_loss", "eval_accuracy", "eval_mask_ratio"} <= set(evals[0])
+  assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+  assert evals[0]["eval_masked_tokens"] == evals[1]["eval_masked_tokens"]  # same batches, noise
+  from llada_jax.train import data as data_lib
+  path = t._train_source.path
+  train_docs = data_lib.load_source(path, "train")[1]["documents"]
+  held_docs = data_lib.load_source(path, "validation")[1]["documents"]
+  assert train_docs + held_docs == 12 and held_docs == 3
+  with pytest.raises(ConfigError, match="data.validation_fraction"):
+    Trainer(_config(eval_every=5, **{"data.task": "", "data.source": str(src)}),
+            str(tmp_path / "x"), progress=False)
+  with pytest.raises(ConfigError, match="bdlm stage"):
+    Trainer(_config("dpo", eval_every=5), str(tmp_path / "y"), progress=False)

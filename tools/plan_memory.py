@@ -5,8 +5,13 @@ whether it fits v5e (16 GiB), v6e (32 GiB) and v5p (95 GiB) HBM.
   python tools/plan_memory.py --config llada2_1_flash --mesh fsdp=4,expert=16,tensor=4 \
       [--batch 8 --seq 4096] [--prompt 256 --gen 256] [--opt-dtype float32] [--flash-attention]
 
+  python tools/plan_memory.py --train-config configs/flash_sft_edit.py [--mesh ...] \
+      [--devices 256]
+
 Params/grads/optimizer state are exact for the sharding rules; activations are an estimate
-(see `llada_jax.parallel.memory`). "fits" keeps 10% of HBM free.
+(see `llada_jax.parallel.memory`). "fits" keeps 10% of HBM free. `--train-config` plans a
+training run as the trainer runs it (`llada_jax.train.plan`: its train state, mesh, micro-batch,
+2L layout, remat; the attention a TPU would run).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ GiB = memory.GiB
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
   p.add_argument("--config", default="llada2_1_flash", help="preset name or config.json path")
+  p.add_argument("--train-config", default=None,
+                 help="a training config file (configs/*.py): plan that run (its mesh unless "
+                      "--mesh; --devices for a -1 axis)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a training config key, e.g. --set grad_accum_steps=32")
   p.add_argument("--mesh", default=None, help="e.g. fsdp=4,expert=16,tensor=4")
   p.add_argument("--parallel-config", default=None,
                  help="ml_collections parallel config file (configs/mesh_*.py): mesh, rules, "
@@ -92,9 +102,64 @@ def table(c: ModelConfig, mesh, w: memory.Workload, rules=None) -> str:
   return "\n".join(out)
 
 
+def load_train_config(path: str, overrides=()):
+  """`get_config()` of a training config file, with `KEY=VALUE` overrides (Python literals)."""
+  import ast  # noqa: PLC0415
+  import importlib.util  # noqa: PLC0415
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no training config file {path}")
+  spec = importlib.util.spec_from_file_location("train_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for item in overrides:
+    key, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node, *path = cfg, *key.split(".")
+    for part in path[:-1]:
+      node = node[part]
+    if path[-1] not in node:
+      raise ValueError(f"--set {key}: no such key in {path}")
+    node[path[-1]] = value
+  return cfg
+
+
+def train_table(cfg, mesh_spec, devices) -> str:
+  """The plan of a training run, per device, and where it fits."""
+  from llada_jax.train import plan as plan_lib  # noqa: PLC0415
+  from llada_jax.train import trainer  # noqa: PLC0415
+  mesh = plan_lib._abstract_mesh(mesh_spec or cfg.mesh, devices)
+  p = plan_lib.plan_train(cfg, mesh, backend="tpu")
+  w = plan_lib.workload(cfg, "tpu")
+  c = trainer.model_config(cfg)
+  accum = cfg.get("grad_accum_steps", 1)
+  out = [f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts; "
+         f"masters {cfg.param_dtype}, compute {cfg.dtype}; mesh "
+         f"{parallel.format_mesh_shape(dict(mesh.shape))} ({mesh.size} devices); global batch "
+         f"{cfg.data.batch_size} x {cfg.data.seq_len} in {accum} micro-batch(es); forward of "
+         f"{w.batch} rows x {w.seq * w.copies} tokens ({'2L' if w.copies == 2 else '1L'}); "
+         f"remat {bool(cfg.objective.remat)}; {'flash' if w.flash_attention else 'XLA'} attention"]
+  width = 34
+  names = dict(params="params (masters)", opt_state="optimizer state", grads="gradients"
+               + (" + accumulator" if accum > 1 else ""), activations="activations",
+               logits="logits (fp32, log-softmax, grad)", total="total")
+  out.append(f"{'per device':{width}s}{'bytes':>13s}")
+  for k, name in names.items():
+    out.append(f"{name:{width}s}{gib(p[k])}")
+  out.append("fits: " + ", ".join(f"{k} {v // GiB} GiB: {'yes' if memory.fits(p['total'], v) else 'NO'}"
+                                   for k, v in memory.HBM.items()))
+  return "\n".join(out)
+
+
 def main(argv=None) -> int:
   a = build_parser().parse_args(argv)
   try:
+    if a.train_config:
+      print(train_table(load_train_config(a.train_config, a.set), a.mesh, a.devices))
+      return 0
     c = ModelConfig.from_json_file(a.config) if os.path.exists(a.config) else get_preset(a.config)
     if a.dtype:
       c = c.replace(param_dtype=a.dtype, dtype=a.dtype)
@@ -109,7 +174,7 @@ def main(argv=None) -> int:
                         master_fp32=a.master_fp32, flash_attention=a.flash_attention,
                         dispatch=a.dispatch, capacity_factor=a.capacity_factor)
     print(table(c, mesh, w, rules))
-  except (ValueError, FileNotFoundError, TypeError) as e:
+  except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

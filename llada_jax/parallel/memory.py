@@ -16,10 +16,10 @@ Activations are an analytic estimate of what the backward pass keeps, per token:
 Token counts per device follow the activation rules (batch split over the batch axes); head,
 MLP and vocab widths are divided by the mesh axes their rules give them when divisible. The
 expert-parallel dispatch buffers are counted for the configured path. The estimate leaves out
-XLA's own temporaries and fragmentation: keep ~10-20% headroom. Cross-check on CPU (a 4-layer
-256-wide MoE, batch 2 x 1024, fp32, no remat): XLA's compiled temp buffers 1.43 GiB, this
-estimate of activations + logits + grads 1.10 GiB. (XLA:CPU's scheduler is not memory-aware,
-so its remat figure is no reference.)
+XLA's own temporaries and fragmentation: keep ~10-20% headroom. `llada_jax.train.plan` applies
+it to a training config (the real train state, the objective's token layout, micro-batches);
+`tests/test_train_plan.py` compares it with XLA's compiled memory analysis of the trainer's own
+step on CPU. (XLA:CPU's scheduler is not memory-aware, so its remat figure is no reference.)
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class Workload:
   flash_attention: bool = False
   dispatch: str = "ragged"  # expert-parallel path: "dense" or "ragged"
   capacity_factor: float = 0.0  # 0 = worst-case dispatch buffers (dropless)
+  # Forward tokens per training token: 2 for the BDLM 2L layout `[x_t ; x_0]` (every block
+  # smaller than the sequence), 1 for AR-with-mask / MDLM; logits are taken on `seq` tokens.
+  copies: int = 1
 
 
 def _entry(spec):
@@ -106,6 +109,11 @@ def plan(c: ModelConfig, mesh, w: Workload = Workload(), rules=None) -> dict[str
       kept += heads * 4  # log-sum-exp
     return kept
 
+  def attention_backward_per_token(keys: int) -> float:
+    """What the attention's backward adds for the layer being differentiated: the fp32
+    gradients of the probabilities and of the scores (none with a flash kernel)."""
+    return 0 if w.flash_attention else heads * keys * 4 * 2
+
   # FFN bytes per device of one layer, for `n` tokens per device
   def dense_ffn(n: int) -> float:
     return n * (3 * inter + D) * act
@@ -133,12 +141,15 @@ def plan(c: ModelConfig, mesh, w: Workload = Workload(), rules=None) -> dict[str
     return n * attention_per_token(keys) + ffn
 
   kinds = [(k, n) for k, n in (("dense", c.num_dense_layers), ("moe", c.num_moe_layers)) if n]
-  n_all = w.batch * w.seq
-  biggest = max(layer(k, tok, n_all, w.seq) for k, _ in kinds)
+  logit_tok = tok  # logits (and the loss) are on the first `seq` tokens of each row
+  n_all, keys = w.batch * w.seq * w.copies, w.seq * w.copies
+  tok = tok * w.copies
+  biggest = max(layer(k, tok, n_all, keys) for k, _ in kinds)
   # the backward holds one layer's gradients of its intermediates on top of what is kept
-  no_remat = sum(n * layer(k, tok, n_all, w.seq) for k, n in kinds) + biggest
-  remat = tok * c.num_hidden_layers * D * act + 2 * biggest
-  logits = tok * vocab * 4 * 3  # fp32 logits, log-softmax, gradient
+  biggest_backward = biggest + tok * attention_backward_per_token(keys)
+  no_remat = sum(n * layer(k, tok, n_all, keys) for k, n in kinds) + biggest_backward
+  remat = tok * c.num_hidden_layers * D * act + biggest + biggest_backward
+  logits = logit_tok * vocab * 4 * 3  # fp32 logits, log-softmax, gradient
 
   # decode: the KV cache of the canvas and one window's forward against it
   from llada_jax.decode.api import prompt_bucket  # noqa: PLC0415 (decode imports the model)

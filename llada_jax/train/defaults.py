@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Corpora: the global batch is read as `shards` fixed slices, shard k from the k-th
       # 1/shards of the documents (0 = one per process). Runs with the same value read the same
       # batches whatever their process count.
-      shards=0))
+      shards=0,
+      # Held out from a corpus for evaluation (the `validation` split, never trained on).
+      validation_fraction=0.0))
   c.objective = ml_collections.ConfigDict(dict(
       block_length=32, t_min=0.3, t_max=0.8, weighting="token_mean", complementary=False,
       edit_rate=0.0, mtf_rate=0.0, edit_weight=1.0, keep_weight=1.0, cap_weight=0.0,
@@ -53,7 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
       gen_length=16, mode="speedy", temperature=1.0, threshold=0.5, editing_threshold=0.5,
       max_post_steps=2, reward="char_overlap"))
   c.grad_accum_steps = 1  # micro-batches per step (lax.scan inside the step; one update)
+  # MoE expert-bias balancing (bdlm stage): after each step every MoE layer's router
+  # `expert_bias` moves by +rate for experts below the layer's mean load, -rate above it
+  # (aux-loss-free balancing). 0 keeps the biases as loaded; they never get a gradient step or
+  # weight decay. The per-layer loads are in metrics.jsonl (expert_tokens, expert_load_max/min).
+  c.moe_bias_rate = 0.0
   c.log_every = 10
+  # Held-out evaluation every eval_every steps (0 = off; bdlm stage): eval_loss, eval_accuracy,
+  # ... over eval_batches batches of the validation split (toy tasks: another seed), logged to
+  # metrics.jsonl and TensorBoard.
+  c.eval_every = 0
+  c.eval_batches = 2
   c.ckpt_every = 50
   c.keep = 3
   c.export_hf = ""
@@ -103,4 +115,5 @@ def pod_config(size: str, stage: str) -> ml_collections.ConfigDict:
   c.ckpt_every = 500
   c.keep = 5
   c.mesh = "fsdp=-1,expert=8" if size == "mini" else "fsdp=-1,expert=16,tensor=4"
+  c.moe_bias_rate = 1e-3 if stage == "bdlm" else 0.0
   return c

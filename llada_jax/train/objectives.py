@@ -72,24 +72,40 @@ class ObjectiveConfig:
         bad(f"{name} must be >= 0")
 
 
+def expert_load(router_idx: jax.Array | None, valid: jax.Array, num_experts: int) -> jax.Array:
+  """Tokens routed to each expert per MoE layer, `[Lm, E]` float32, counting the `valid`
+  (`[B, T]` bool) tokens of `router_idx` `[Lm, B, T, K]` (`[0, E]` without MoE layers)."""
+  if router_idx is None:
+    return jnp.zeros((0, num_experts), jnp.float32)
+  hot = jax.nn.one_hot(router_idx, num_experts, dtype=jnp.float32)  # [Lm, B, T, K, E]
+  return jnp.einsum("lbtke,bt->le", hot, valid.astype(jnp.float32))
+
+
 def noisy_logits(params, c: ModelConfig, xt, x0, segment_ids, positions, block_length: int,
                  *, embed_delta=None, attention_impl: str = "xla",
-                 remat: bool = False, moe_impl: str = "ragged") -> jax.Array:
-  """Logits `[B, L, V]` float32 of the noisy tokens `xt` given the clean context `x0`."""
+                 remat: bool = False, moe_impl: str = "ragged", with_load: bool = False):
+  """Logits `[B, L, V]` float32 of the noisy tokens `xt` given the clean context `x0`; with
+  `with_load`, (logits, `expert_load` `[Lm, E]` of every real token the forward routed)."""
   b, length = xt.shape
+  valid = segment_ids >= 0
   if block_length >= length:  # MDLM: one block, no clean copy needed
     layout = masks.Layout(jnp.zeros((b, length), jnp.int32), jnp.zeros((b, length), bool),
                           segment_ids.astype(jnp.int32))
-    return forward_core(params, c, xt, positions, layout, embed_delta=embed_delta,
-                        attention_impl=attention_impl, remat=remat, moe_impl=moe_impl).logits
-  tokens = jnp.concatenate([xt, x0], axis=1)
-  pos = jnp.concatenate([positions, positions], axis=1)
-  layout = masks.training(length, block_length, segment_ids)
-  if embed_delta is not None:
-    embed_delta = jnp.concatenate([embed_delta, jnp.zeros_like(embed_delta)], axis=1)
-  return forward_core(params, c, tokens, pos, layout, logits_slice=(0, length),
-                      embed_delta=embed_delta, attention_impl=attention_impl,
-                      remat=remat, moe_impl=moe_impl).logits
+    out = forward_core(params, c, xt, positions, layout, embed_delta=embed_delta,
+                       attention_impl=attention_impl, remat=remat, moe_impl=moe_impl)
+  else:
+    tokens = jnp.concatenate([xt, x0], axis=1)
+    pos = jnp.concatenate([positions, positions], axis=1)
+    layout = masks.training(length, block_length, segment_ids)
+    if embed_delta is not None:
+      embed_delta = jnp.concatenate([embed_delta, jnp.zeros_like(embed_delta)], axis=1)
+    out = forward_core(params, c, tokens, pos, layout, logits_slice=(0, length),
+                       embed_delta=embed_delta, attention_impl=attention_impl,
+                       remat=remat, moe_impl=moe_impl)
+    valid = jnp.concatenate([valid, valid], axis=1)
+  if not with_load:
+    return out.logits
+  return out.logits, expert_load(jax.lax.stop_gradient(out.router_idx), valid, c.num_experts)
 
 
 def sample_mask(key, loss_mask, t_min, t_max):
@@ -170,8 +186,9 @@ def bdlm_denominators(noise: dict, oc: ObjectiveConfig) -> dict:
               t_sum=noise["t"].sum(), rows=jnp.asarray(noise["t"].size, jnp.float32))
 
 
-def _bdlm_logits(params, c, batch, noise, oc):
-  """(logits [cB, L, V], x0, final xt, masked, corrupted, trainable, t) of a (micro-)batch."""
+def _bdlm_logits(params, c, batch, noise, oc, with_load=False):
+  """(logits [cB, L, V], x0, noise rows) of a (micro-)batch, plus the expert load `[Lm, E]`
+  of the forward with `with_load`."""
   copies = noise["t"].shape[1]
   rep = lambda k: jnp.concatenate([batch[k].astype(jnp.int32)] * copies)
   x0, seg, pos = rep("tokens"), rep("segment_ids"), rep("positions")
@@ -185,9 +202,11 @@ def _bdlm_logits(params, c, batch, noise, oc):
   delta = None
   if "embed_noise" in n:
     delta = jnp.where((xt == c.mask_token_id)[..., None], n["embed_noise"], 0.0)
-  logits = noisy_logits(params, c, xt, x0, seg, pos, oc.block_length, embed_delta=delta,
-                        remat=oc.remat, **impl)
-  return logits, x0, n
+  out = noisy_logits(params, c, xt, x0, seg, pos, oc.block_length, embed_delta=delta,
+                     remat=oc.remat, with_load=with_load, **impl)
+  if with_load:
+    return out[0], x0, n, out[1]
+  return out, x0, n
 
 
 def bdlm_cap_count(params, c: ModelConfig, batch: dict, noise: dict, oc: ObjectiveConfig):
@@ -201,7 +220,7 @@ def bdlm_sums(params, c: ModelConfig, batch: dict, noise: dict, denoms: dict,
   """(this batch's share of the loss, its metric sums), normalised by the whole batch's
   `denoms` (`bdlm_denominators`, plus `cap` from `bdlm_cap_count` when the batch is one of
   several micro-batches): the shares of the micro-batches add up to the whole batch's loss."""
-  logits, x0, n = _bdlm_logits(params, c, batch, noise, oc)
+  logits, x0, n, load = _bdlm_logits(params, c, batch, noise, oc, with_load=True)
   nll, logp = token_nll(logits, x0)
   mf, cf = n["masked"].astype(jnp.float32), n["corrupted"].astype(jnp.float32)
   if oc.weighting == "token_mean":
@@ -221,7 +240,8 @@ def bdlm_sums(params, c: ModelConfig, batch: dict, noise: dict, denoms: dict,
     entropy = -(jnp.exp(logp) * logp).sum(-1)
     cap = (entropy * correct.astype(jnp.float32)).sum()
   sums = dict(m2t=m2t, t2t=t2t, keep=keep, cap=cap, correct=correct.astype(jnp.float32).sum(),
-              edit_correct=((argmax == x0) & n["corrupted"]).astype(jnp.float32).sum())
+              edit_correct=((argmax == x0) & n["corrupted"]).astype(jnp.float32).sum(),
+              expert_load=load)
   norm = _bdlm_norms(denoms, sums, oc)
   editing_terms = t2t / norm["t2t"] + oc.keep_weight * keep / norm["keep"]
   loss = m2t / norm["m2t"] + oc.edit_weight * editing_terms + oc.cap_weight * cap / norm["cap"]
@@ -242,11 +262,25 @@ def bdlm_metrics(sums: dict, denoms: dict, oc: ObjectiveConfig) -> dict:
   m2t, t2t = sums["m2t"] / norm["m2t"], sums["t2t"] / norm["t2t"]
   keep, cap = sums["keep"] / norm["keep"], sums["cap"] / norm["cap"]
   loss = m2t + oc.edit_weight * (t2t + oc.keep_weight * keep) + oc.cap_weight * cap
-  return dict(loss=loss, m2t_loss=m2t, t2t_loss=t2t, keep_loss=keep, cap_loss=cap,
-              accuracy=sums["correct"] / jnp.maximum(denoms["masked"], 1.0),
-              edit_accuracy=sums["edit_correct"] / jnp.maximum(denoms["corrupted"], 1.0),
-              mask_ratio=denoms["t_sum"] / denoms["rows"], masked_tokens=denoms["masked"],
-              corrupted_tokens=denoms["corrupted"])
+  out = dict(loss=loss, m2t_loss=m2t, t2t_loss=t2t, keep_loss=keep, cap_loss=cap,
+             accuracy=sums["correct"] / jnp.maximum(denoms["masked"], 1.0),
+             edit_accuracy=sums["edit_correct"] / jnp.maximum(denoms["corrupted"], 1.0),
+             mask_ratio=denoms["t_sum"] / denoms["rows"], masked_tokens=denoms["masked"],
+             corrupted_tokens=denoms["corrupted"])
+  if "expert_load" in sums:
+    out.update(load_metrics(sums["expert_load"]))
+  return out
+
+
+def load_metrics(load: jax.Array) -> dict:
+  """MoE load statistics from `expert_load` `[Lm, E]`: the counts themselves
+  (`expert_tokens`, per layer and expert) and, per layer, the busiest and idlest expert's load
+  over the mean (`expert_load_max` / `expert_load_min` `[Lm]`; 1 = perfectly balanced)."""
+  if load.shape[0] == 0:
+    return {}
+  mean = jnp.maximum(load.mean(-1), 1e-9)
+  return dict(expert_tokens=load, expert_load_max=load.max(-1) / mean,
+              expert_load_min=load.min(-1) / mean)
 
 
 def bdlm_loss(params, c: ModelConfig, batch: dict, key: jax.Array, oc: ObjectiveConfig):

@@ -17,7 +17,8 @@ CONFIG_NAME = "config.json"
 RUN_INFO_NAME = "run_info.json"
 # Keys that may change between a run and its resumption: where and how it runs, how often it
 # logs and saves, but not what it computes.
-OPERATIONAL = ("workdir", "export_hf", "log_every", "ckpt_every", "keep", "debug_kill_at_step",
+OPERATIONAL = ("workdir", "export_hf", "log_every", "eval_every", "eval_batches", "ckpt_every",
+               "keep", "debug_kill_at_step",
                "debug_term_at_step", "data.dataset_dir", "mesh", "rules", "grad_accum_steps",
                "objective.attention_impl", "objective.moe_impl", "objective.remat")
 # What an explicit warm start moves aside (into `superseded/<time>/`) before starting over.

@@ -13,6 +13,7 @@ and backward run in `c.dtype` and the gradients and optimizer moments stay fp32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -79,10 +80,27 @@ def micro_sum(fn, data, n: int, rows_spec=None):
   return jax.lax.map(lambda d: fn(_constrain_rows(d, rows_spec)), micro).sum(0)
 
 
-def apply_update(optimizer, state, loss, grads, metrics):
-  """One optimizer update; a non-finite loss leaves the state untouched (and is reported)."""
+def balance_expert_bias(params, old_params, load: jax.Array | None, rate: float):
+  """`params` with every MoE layer's `router.expert_bias` `[Lm, E]` taken from `old_params`
+  (no gradient step, no weight decay on it) and, with `rate` > 0 and the step's `load`
+  `[Lm, E]`, nudged by +rate for experts below their layer's mean load and -rate above it (the
+  auxiliary-loss-free balancing of the Ling/LLaDA2 recipe; SPEC 8)."""
+  if "moe" not in params or "expert_bias" not in params["moe"].get("router", {}):
+    return params
+  bias = old_params["moe"]["router"]["expert_bias"]
+  if rate > 0 and load is not None and load.shape[0]:
+    nudge = jnp.sign(load.mean(-1, keepdims=True) - load)
+    bias = bias + (rate * nudge).astype(bias.dtype)
+  router = dict(params["moe"]["router"], expert_bias=bias)
+  return dict(params, moe=dict(params["moe"], router=router))
+
+
+def apply_update(optimizer, state, loss, grads, metrics, load=None, bias_rate: float = 0.0):
+  """One optimizer update (the expert biases by `balance_expert_bias` with the step's expert
+  `load`); a non-finite loss leaves the state untouched (and is reported)."""
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  params = balance_expert_bias(params, state["params"], load, bias_rate)
   ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
   new = dict(params=keep(params, state["params"]), opt_state=keep(opt_state, state["opt_state"]),
@@ -105,6 +123,7 @@ class StepSpec:
   ecfg: ebpo_lib.EBPOConfig | None = None  # ebpo
   beta: float = 0.1  # dpo
   accum: int = 1
+  bias_rate: float = 0.0  # bdlm: expert-bias balancing step (0: the biases stay as they are)
 
 
 def bdlm_step(spec: StepSpec, optimizer, state, batch, key, extra=None, rows_spec=None):
@@ -119,7 +138,8 @@ def bdlm_step(spec: StepSpec, optimizer, state, batch, key, extra=None, rows_spe
   fn = lambda p, d: obj.bdlm_sums(compute_params(p, c), c, d[0], d[1], denoms, oc)
   loss, sums, grads = accumulate(fn, state["params"], (batch, noise), spec.accum, rows_spec)
   metrics = dict(obj.bdlm_metrics(sums, denoms, oc), tokens=_tokens(batch))
-  return apply_update(optimizer, state, loss, grads, metrics)
+  return apply_update(optimizer, state, loss, grads, metrics, load=sums["expert_load"],
+                      bias_rate=spec.bias_rate)
 
 
 def dpo_step(spec: StepSpec, optimizer, state, batch, key, ref_params, rows_spec=None):
@@ -162,6 +182,17 @@ def ebpo_old_logprobs(params, batch, key, *, c: ModelConfig, ecfg: ebpo_lib.EBPO
   return jnp.moveaxis(masks_n, 0, 1), jnp.moveaxis(old, 0, 1)
 
 
+def bdlm_eval(spec: StepSpec, params, batch, key) -> dict:
+  """The BDLM metrics of `batch` without an update (held-out evaluation): the step's
+  objective with the same noise recipe, the params cast to the compute dtype."""
+  c, oc = spec.c, spec.oc
+  noise = obj.bdlm_noise(key, batch, c, oc)
+  denoms = obj.bdlm_denominators(noise, oc)
+  _, sums = obj.bdlm_sums(compute_params(params, c), c, batch, noise, denoms, oc)
+  metrics = obj.bdlm_metrics(sums, denoms, oc)
+  return {k: v for k, v in metrics.items() if k not in ("expert_tokens",)}
+
+
 STEPS: dict[str, Callable] = {"bdlm": bdlm_step, "dpo": dpo_step, "ebpo": ebpo_step}
 
 
@@ -179,7 +210,7 @@ class CompiledSteps:
     self.state_shardings, self.mesh, self.rows_spec = state_shardings, mesh, rows_spec
     self._cache: dict = {}
 
-  def __call__(self, spec: StepSpec, state, batch, key, extra=None):
+  def _jitted(self, spec: StepSpec, batch, extra):
     fn = self._cache.get(spec)
     if fn is None:
       rep = NamedSharding(self.mesh, P())
@@ -188,5 +219,28 @@ class CompiledSteps:
       fn = self._cache[spec] = jax.jit(
           f, in_shardings=(self.state_shardings, shardings_of(batch), rep, shardings_of(extra)),
           out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    return fn
+
+  def __call__(self, spec: StepSpec, state, batch, key, extra=None):
+    fn = self._jitted(spec, batch, extra)
     with jax.set_mesh(self.mesh):
       return fn(state, batch, key, extra)
+
+  def lower(self, spec: StepSpec, state, batch, key, extra=None):
+    """The step's `jax.stages.Lowered` for (abstract) arguments carrying shardings: the very
+    program `__call__` runs (memory analysis, export)."""
+    fn = self._jitted(spec, batch, extra)
+    with jax.set_mesh(self.mesh):
+      return fn.lower(state, batch, key, extra)
+
+  def evaluate(self, spec: StepSpec, params, batch, key) -> dict:
+    """`bdlm_eval` jitted with the params' and the batch's shardings (metrics replicated)."""
+    fn = self._cache.get(("eval", spec))
+    if fn is None:
+      rep = NamedSharding(self.mesh, P())
+      fn = self._cache[("eval", spec)] = jax.jit(
+          functools.partial(bdlm_eval, spec),
+          in_shardings=(self.state_shardings["params"], shardings_of(batch), rep),
+          out_shardings=rep)
+    with jax.set_mesh(self.mesh):
+      return fn(params, batch, key)

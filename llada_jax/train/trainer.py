@@ -89,7 +89,7 @@ _NUMBERS = (
     ("optim.final_lr_fraction", 0.0, False), ("optim.b1", 0.0, False), ("optim.b2", 0.0, False),
     ("dpo.beta", 0.0, False), ("ebpo.group_size", 1, True), ("ebpo.gen_length", 1, True),
     ("ebpo.updates_per_rollout", 1, True), ("ebpo.num_timesteps", 1, True),
-    ("eval_every", 0, True), ("eval_batches", 1, True),
+    ("eval_every", 0, True), ("eval_batches", 1, True), ("moe_bias_rate", 0.0, False),
 )
 # Fields that are fractions in [0, 1].
 _FRACTIONS = ("optim.decay_fraction", "optim.final_lr_fraction", "optim.b1", "optim.b2",
@@ -164,6 +164,16 @@ def validate(cfg) -> None:
       toy_tasks.get_task(cfg.data.task)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  if cfg.get("eval_every", 0):
+    if cfg.stage != "bdlm":
+      raise ConfigError(f"eval_every: held-out evaluation is for the bdlm stage (this run is "
+                        f"{cfg.stage}); set eval_every=0")
+    if cfg.data.source and not cfg.data.get("validation_fraction", 0.0):
+      raise ConfigError("eval_every needs held-out data: set data.validation_fraction (e.g. "
+                        "0.05 of the documents, never trained on)")
+  vf = cfg.data.get("validation_fraction", 0.0)
+  if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
+    raise ConfigError(f"data.validation_fraction={describe_value(vf)} must be in [0, 1)")
   if cfg.data.get("eos_padding", "none") not in ("none", "block"):
     raise ConfigError(f"data.eos_padding {cfg.data.eos_padding!r} (none or block)")
 
@@ -264,8 +274,9 @@ class ShardedSource:
   """This process's rows of the global batch from a grain corpus: one iterator per data shard
   it reads (`sharding.DataLayout`), their batches concatenated; the state is per shard."""
 
-  def __init__(self, iterators: dict):
+  def __init__(self, iterators: dict, path: str | None = None):
     self.iterators = iterators  # shard index -> DataIterator
+    self.path = path  # the prepared dataset's directory
 
   def __next__(self) -> dict:
     parts = [next(it) for it in self.iterators.values()]
@@ -293,13 +304,35 @@ def make_source(cfg, tokenizer, block_length: int, layout: sharding.DataLayout |
                       eos_padding=d.get("eos_padding", "none"))
   from llada_jax.train import data as data_lib
   layout = layout or sharding.DataLayout(d.batch_size, 1, (0,))
-  path = data_lib.build_dataset(d.source, d.dataset_dir or os.path.join(cfg.workdir, "dataset"),
-                                name=d.name) if jax.process_index() == 0 else None
+  path = data_lib.build_dataset(
+      d.source, d.dataset_dir or os.path.join(cfg.workdir, "dataset"), name=d.name,
+      validation_fraction=d.get("validation_fraction", 0.0)) if jax.process_index() == 0 else None
   path = _shared_dataset_path(cfg, path)
   return ShardedSource({k: data_lib.make_iterator(
       path, split="train", tokenizer=tokenizer, seq_len=d.seq_len,
       batch_size=layout.rows_per_shard, seed=cfg.seed, kind=d.kind, block_length=block_length,
-      shard_index=k, shard_count=layout.num_shards) for k in layout.local_shards})
+      shard_index=k, shard_count=layout.num_shards) for k in layout.local_shards}, path=path)
+
+
+EVAL_SEED_OFFSET = 7919  # toy tasks: held-out batches come from seed + this (never trained on)
+
+
+def make_eval_source(cfg, tokenizer, block_length: int, train_source,
+                     layout: sharding.DataLayout | None = None):
+  """A fresh source of held-out batches (the same ones at every evaluation): the corpus's
+  `validation` split (`data.validation_fraction` of the documents, never trained on), or a toy
+  task drawn with another seed."""
+  d = cfg.data
+  if d.task:
+    return TaskSource(d.task, tokenizer, d.seq_len, d.batch_size, cfg.seed + EVAL_SEED_OFFSET,
+                      block_length, eos_padding=d.get("eos_padding", "none"))
+  from llada_jax.train import data as data_lib  # noqa: PLC0415
+  layout = layout or sharding.DataLayout(d.batch_size, 1, (0,))
+  return ShardedSource({k: data_lib.make_iterator(
+      train_source.path, split="validation", tokenizer=tokenizer, seq_len=d.seq_len,
+      batch_size=layout.rows_per_shard, seed=cfg.seed, kind=d.kind, block_length=block_length,
+      shard_index=k, shard_count=layout.num_shards, num_epochs=None)
+      for k in layout.local_shards})
 
 
 def _shared_dataset_path(cfg, path):
@@ -489,16 +522,25 @@ class Trainer:
 
   # -- logging --
   def _log(self, step: int, metrics: dict, writer) -> None:
+    """One metrics.jsonl row: scalars as numbers, per-layer arrays (MoE load) as lists; the
+    scalars, and the worst layer of each per-layer statistic, go to TensorBoard."""
     row = {"step": step}
-    row.update({k: float(v) for k, v in metrics.items() if k != "finite"})
+    for k, v in metrics.items():
+      if k == "finite":
+        continue
+      v = np.asarray(v)
+      row[k] = float(v) if v.ndim == 0 else np.round(v, 4).tolist()
     if not _is_main():
       return
     with open(self.metrics_path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if writer is not None:
       for k, v in row.items():
-        if k != "step":
-          writer.add_scalar(k, v, step)
+        if k == "step" or k == "expert_tokens":
+          continue
+        if isinstance(v, list):
+          k, v = f"{k}_worst", (max(v) if k.endswith("max") else min(v)) if v else 0.0
+        writer.add_scalar(k, v, step)
 
   def _open_writer(self):
     if not _is_main():
@@ -542,6 +584,7 @@ class Trainer:
     cfg = self.cfg
     block0 = wsd.block_length_at(self.stages, 0)
     source = make_source(cfg, self.tokenizer, block0, self.layout)
+    self._train_source = source
     state, start = self._restore(source)
     fresh = state is None
     if fresh:
@@ -585,9 +628,16 @@ class Trainer:
                          tokens_per_s=tokens / max(now - t_last, 1e-9))
           t_last, tokens = now, 0.0
           self._log(done, metrics, writer)
-          last = {k: float(v) for k, v in metrics.items()}
+          last = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+          if "expert_load_max" in metrics:  # the busiest expert of any layer, over the mean
+            last["expert_load_max"] = float(np.max(metrics["expert_load_max"]))
           if bar is not None:
             bar.set_postfix(loss=f"{last['loss']:.4f}", block=block)
+        every = cfg.get("eval_every", 0)
+        if every and (done % every == 0 or done == cfg.steps):
+          held_out = self._evaluate(state["params"], block, step)
+          self._log(done, held_out, writer)
+          last.update(held_out)
         saved = done % cfg.ckpt_every == 0 or done == cfg.steps
         if saved:
           self._save(done, state, source)
@@ -622,6 +672,23 @@ class Trainer:
                                moe_impl=self.tp.moe_impl, attention_impl=self.tp.attention_impl,
                                remat=self.tp.remat)
 
+  def _evaluate(self, params, block: int, step: int) -> dict:
+    """Held-out metrics (`eval_loss`, `eval_accuracy`, ...: the step's objective, no update)
+    averaged over the first `eval_batches` held-out batches, the same batches and noise at every
+    evaluation (so the curve is comparable across steps)."""
+    cfg = self.cfg
+    source = make_eval_source(cfg, self.tokenizer, block, self._train_source, self.layout)
+    spec = steps.StepSpec(self.c, oc=self._objective(block, step))
+    key = jax.random.PRNGKey(cfg.seed + EVAL_SEED_OFFSET)
+    total: dict = {}
+    n = cfg.get("eval_batches", 2)
+    for i in range(n):
+      m = self.steps.evaluate(spec, params, self._batch(source), jax.random.fold_in(key, i))
+      for k, v in m.items():
+        if np.ndim(v) == 0:
+          total[k] = total.get(k, 0.0) + float(v) / n
+    return {f"eval_{k}": v for k, v in total.items()}
+
   def _batch(self, source) -> dict:
     """The next global batch: toy tasks are drawn whole on every process, corpora per shard."""
     if isinstance(source, TaskSource):
@@ -632,7 +699,8 @@ class Trainer:
     cfg = self.cfg
     oc = self._objective(block, step)
     if cfg.stage == "bdlm":
-      spec = steps.StepSpec(self.c, oc=oc, accum=self.accum)
+      spec = steps.StepSpec(self.c, oc=oc, accum=self.accum,
+                            bias_rate=float(cfg.get("moe_bias_rate", 0.0)))
       return self.steps(spec, state, self._batch(source), key)
     if cfg.stage == "dpo":
       chosen, rejected = source.next_pair()
