@@ -156,7 +156,8 @@ def test_cli_timing_reports_load_and_run_without_compilation(tiny, capsys):
   out = json.loads(capsys.readouterr().out)
   assert out["output_ids"] == expected_output(tiny, tiny.runs()[0])
   assert out["load_seconds"] > 0 and out["run_seconds"] > 0
-  assert out["run_seconds"] < out["seconds"]  # the first decode also compiled
+  # (run_seconds vs seconds is no contract: the first decode compiles only when no earlier
+  # call in this process compiled the same program)
   assert 0 < out["seconds_per_forward"] * out["nfe"] <= out["run_seconds"]
   assert out["mesh"] is None  # one device: --mesh auto is no mesh
 

@@ -143,7 +143,8 @@ def run(argv=None) -> int:
   if cfg is None or not f.workdir.value:
     raise InputError("--config FILE and --workdir DIR are required (see --help)")
   _start_distributed(f)
-  from llada_jax.train.trainer import NonFiniteLoss, Trainer  # noqa: PLC0415
+  from llada_jax.train.trainer import (CheckpointWriteError, NonFiniteLoss,  # noqa: PLC0415
+                                       Trainer)
   if f.export_hf.value:
     with cfg.unlocked():
       cfg.export_hf = f.export_hf.value
@@ -155,6 +156,9 @@ def run(argv=None) -> int:
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
+  except CheckpointWriteError:
+    _quiet_abandoned_writers()
+    raise
   except Exception as e:  # noqa: BLE001 (re-raised: run_main reports it)
     if describe(e) is not None and new_workdir and not _has_checkpoint(workdir):
       # a bad input (config, data, files) leaves no run directory behind
@@ -167,6 +171,15 @@ def run(argv=None) -> int:
     return EXIT_INTERRUPTED if why == "interrupted" else PREEMPTED_EXIT
   print(" ".join(f"{k}={v:.4g}" for k, v in sorted(last.items())))
   return 0
+
+
+def _quiet_abandoned_writers() -> None:
+  """After a failed checkpoint write, orbax's abandoned writer futures would print their
+  (already reported) errors while the interpreter shuts down, after our one line."""
+  import logging  # noqa: PLC0415
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
 
 
 def _has_checkpoint(workdir: str) -> bool:

@@ -28,6 +28,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import sys
 import time
@@ -52,6 +54,22 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to re
 
 class ConfigError(InputError):
   """A bad training config: reported as one line before any work starts."""
+
+
+class CheckpointWriteError(InputError):
+  """A checkpoint could not be written (disk full, permissions): one line, exit status 2."""
+
+
+def _write_error_reason(e: BaseException) -> str:
+  """'File too large', 'No space left on device', ...: the OS error behind a failed write."""
+  for x in (e, e.__cause__, e.__context__):
+    if isinstance(x, OSError) and x.strerror:
+      return x.strerror
+  text = str(e)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return os.strerror(int(code.group(1)))
+  return " ".join(text.split())[:200]
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -477,8 +495,35 @@ class Trainer:
 
   def _save(self, step: int, state, source) -> None:
     ocp = self.ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(source_state(source))))
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(source_state(source))))
+    except Exception as e:  # noqa: BLE001 (orbax raises ValueErrors from its writer threads)
+      raise self._write_failed(e) from e
+
+  def _finish_writes(self) -> None:
+    """Waits for the background checkpoint writes; a failed one is a `CheckpointWriteError`."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_failed(e) from e
+
+  def _write_failed(self, e: BaseException) -> "CheckpointWriteError":
+    """The one-line report of a checkpoint that could not be written (disk full, read-only or
+    missing directory): the unfinished temporary directories are removed, the complete
+    checkpoints stay as they are."""
+    ckpt_dir = os.path.join(self.workdir, "checkpoints")
+    if _is_main() and os.path.isdir(ckpt_dir):
+      for name in os.listdir(ckpt_dir):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    steps_done = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) \
+        if os.path.isdir(ckpt_dir) else []
+    kept = (f"the last complete checkpoint, step {steps_done[-1]}, is intact" if steps_done
+            else "there is no complete checkpoint yet")
+    return CheckpointWriteError(
+        f"cannot write a checkpoint in {ckpt_dir} ({_write_error_reason(e)}): training stopped; "
+        f"{kept} (free space or fix the directory, then rerun to resume)")
 
   def _restore(self, source):
     """(state, step) of the latest checkpoint, restored into the run's shardings, or
@@ -648,8 +693,15 @@ class Trainer:
             self._save(done, state, source)
           self.preempted, self.preempted_at = True, done
           break
+    except BaseException:  # already failing: finish what can be, report the first error
+      try:
+        self.manager.wait_until_finished()
+      except Exception:  # noqa: BLE001
+        pass
+      raise
+    else:
+      self._finish_writes()
     finally:
-      self.manager.wait_until_finished()
       if bar is not None:
         bar.close()
       if writer is not None:
