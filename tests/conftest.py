@@ -71,7 +71,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-  # Share compiled programs between test processes (pytest-xdist workers) and runs.
-  cache = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache")
+  # Reuse compiled programs across runs.
+  # One directory per xdist worker: two processes writing and reading the same cache entry at
+  # once can hand XLA a partly written executable (a worker segfaulted so).
+  cache = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache",
+                       os.environ.get("PYTEST_XDIST_WORKER", "main"))
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -11,6 +11,9 @@ from llada_jax.train import objectives as obj
 
 L, BL = 16, 4
 
+# Jitted once per (config, objective): op-by-op execution of the model is slow on CPU.
+_bdlm_loss = jax.jit(obj.bdlm_loss, static_argnums=(1, 4))
+
 
 def _batch(c, rng):
   tokens = rng.integers(0, c.vocab_size - 2, (2, L)).astype(np.int32)
@@ -55,7 +58,7 @@ def test_bdlm_loss_matches_reference(tiny, weighting):
   batch = _batch(c, np.random.default_rng(0))
   oc = obj.ObjectiveConfig(block_length=BL, t_min=0.3, t_max=0.9, weighting=weighting)
   key = jax.random.PRNGKey(3)
-  loss, metrics = jax.jit(obj.bdlm_loss, static_argnums=(1, 4))(params, c, batch, key, oc)
+  loss, metrics = _bdlm_loss(params, c, batch, key, oc)
   trainable = batch["loss_mask"] & (batch["segment_ids"] >= 0)
   t, masked = obj.sample_mask(jax.random.split(key, 5)[0], jnp.asarray(trainable), 0.3, 0.9)
   t, masked = np.asarray(t), np.asarray(masked)
@@ -108,7 +111,7 @@ def test_complementary_masks_cover_every_trainable_token(tiny):
   c = tiny.config
   batch = _batch(c, np.random.default_rng(4))
   oc = obj.ObjectiveConfig(block_length=BL, complementary=True)
-  _, m = obj.bdlm_loss(tiny.params, c, batch, jax.random.PRNGKey(0), oc)
+  _, m = _bdlm_loss(tiny.params, c, batch, jax.random.PRNGKey(0), oc)
   trainable = (batch["loss_mask"] & (batch["segment_ids"] >= 0)).sum()
   assert float(m["masked_tokens"]) == trainable  # mask + inverted mask = every token once
 
@@ -118,12 +121,12 @@ def test_editing_stream_counts_and_losses(tiny):
   batch = _batch(c, np.random.default_rng(5))
   oc = obj.ObjectiveConfig(block_length=BL, edit_rate=0.5, mtf_rate=0.5, cap_weight=1.0,
                            mask_embed_noise=0.1)
-  loss, m = obj.bdlm_loss(tiny.params, c, batch, jax.random.PRNGKey(1), oc)
+  loss, m = _bdlm_loss(tiny.params, c, batch, jax.random.PRNGKey(1), oc)
   assert float(m["corrupted_tokens"]) > 0 and float(m["t2t_loss"]) > 0
   assert float(m["cap_loss"]) >= 0 and float(m["keep_loss"]) > 0
   np.testing.assert_allclose(float(loss), float(m["m2t_loss"] + m["t2t_loss"] + m["keep_loss"]
                                                 + m["cap_loss"]), rtol=1e-6)
-  grads = jax.grad(lambda p: obj.bdlm_loss(p, c, batch, jax.random.PRNGKey(1), oc)[0])(
+  grads = jax.jit(jax.grad(lambda p: obj.bdlm_loss(p, c, batch, jax.random.PRNGKey(1), oc)[0]))(
       tiny.params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
@@ -135,7 +138,7 @@ def test_keep_loss_is_the_nll_of_the_clean_visible_tokens(tiny):
   batch = _batch(c, np.random.default_rng(6))
   key = jax.random.PRNGKey(2)
   oc = obj.ObjectiveConfig(block_length=BL, edit_rate=0.3, keep_weight=0.5)
-  loss, m = obj.bdlm_loss(tiny.params, c, batch, key, oc)
+  loss, m = _bdlm_loss(tiny.params, c, batch, key, oc)
   # Rebuild the noisy input exactly as bdlm_loss draws it.
   k_mask, k_edit, k_tok, _, _ = jax.random.split(key, 5)
   x0 = jnp.asarray(batch["tokens"], jnp.int32)
@@ -145,7 +148,8 @@ def test_keep_loss_is_the_nll_of_the_clean_visible_tokens(tiny):
   xt = jnp.where(masked, c.mask_token_id, x0)
   xt = jnp.where(corrupted, obj._random_tokens(k_tok, x0.shape, c.vocab_size, c.mask_token_id),
                  xt)
-  logits = obj.noisy_logits(tiny.params, c, xt, x0, batch["segment_ids"], batch["positions"], BL)
+  logits = jax.jit(obj.noisy_logits, static_argnums=(1, 6))(
+      tiny.params, c, xt, x0, batch["segment_ids"], batch["positions"], BL)
   nll = np.asarray(obj.token_nll(logits, x0)[0])
   clean = np.asarray(trainable & ~masked & ~corrupted)
   assert clean.sum() > 0 and np.asarray(corrupted).sum() > 0
@@ -153,7 +157,7 @@ def test_keep_loss_is_the_nll_of_the_clean_visible_tokens(tiny):
   np.testing.assert_allclose(float(m["t2t_loss"]), nll[np.asarray(corrupted)].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(loss), float(m["m2t_loss"] + m["t2t_loss"]
                                                 + 0.5 * m["keep_loss"]), rtol=1e-6)
-  _, m0 = obj.bdlm_loss(tiny.params, c, batch, key, obj.ObjectiveConfig(block_length=BL))
+  _, m0 = _bdlm_loss(tiny.params, c, batch, key, obj.ObjectiveConfig(block_length=BL))
   assert float(m0["keep_loss"]) == 0.0 and float(m0["t2t_loss"]) == 0.0
 
 

@@ -226,24 +226,6 @@ def _cli(config, workdir, overrides, extra=()):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path):
-  """SIGTERM during step 2: the step finishes, step 3 is saved, exit 75; the rerun resumes at 3.
-  (Resuming with another config: `test_ctrl_c_saves_the_current_step_and_exits_130`.)"""
-  d = tmp_path / "run"
-  kw = {"steps": 5, "log_every": 1, "ckpt_every": 100, "data.batch_size": 8}
-  out = _cli("tiny_ar.py", d, dict(kw, debug_term_at_step=2))
-  assert out.returncode == 75, out.stderr[-2000:]
-  assert "preempted: stopped after step 3" in out.stderr
-  assert sorted(os.listdir(d / "checkpoints")) == ["3"]
-  assert [r["step"] for r in _metric_rows(d)] == [1, 2, 3]
-  out = _cli("tiny_ar.py", d, kw)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert [r["step"] for r in _metric_rows(d)] == [1, 2, 3, 4, 5]
-  with open(d / "config.json") as f:
-    assert json.load(f)["train"]["optim"]["lr"] == 3e-3
-
-
 def test_run_identity_rules(tmp_path):
   import copy
   from llada_jax.train import run_files
@@ -269,9 +251,11 @@ def test_run_identity_rules(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path):
+def test_ctrl_c_and_sigterm_save_the_current_step_then_resume(tmp_path):
   """A real SIGINT sent to a running trainer: the step in flight finishes, its checkpoint is
-  written, one line says so, status 130; the rerun resumes from that step."""
+  written, one line says so, status 130. Resuming with another config is refused in one line
+  (exit 2); with --force it resumes, and a SIGTERM (a TPU preemption) during its first step
+  finishes that step, saves it and exits 75; the rerun resumes and finishes."""
   import signal
   import time
   d = tmp_path / "run"
@@ -293,15 +277,21 @@ def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path):
   assert last.startswith("interrupted: stopped after step "), err[-2000:]
   step = int(last.split("step ")[1].split()[0])
   assert 2 <= step < 500 and sorted(os.listdir(d / "checkpoints")) == [str(step)]
-  # Resuming with another config is refused in one line; --force resumes anyway.
-  out = _cli("tiny_ar.py", d, dict(kw, steps=step + 2, **{"optim.lr": 0.01}))
+  new = dict(kw, steps=step + 3, **{"optim.lr": 0.01})
+  out = _cli("tiny_ar.py", d, new)
   assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
   assert "started with another config" in out.stderr and "optim.lr: 0.003 -> 0.01" in out.stderr
-  out = _cli("tiny_ar.py", d, dict(kw, steps=step + 2, **{"optim.lr": 0.01}), extra=("--force",))
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert [r["step"] for r in _metric_rows(d)][-2:] == [step + 1, step + 2]
+  out = _cli("tiny_ar.py", d, dict(new, debug_term_at_step=step), extra=("--force",))
+  assert out.returncode == 75, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f"preempted: stopped after step {step + 1} and saved a checkpoint")
+  assert str(step + 1) in os.listdir(d / "checkpoints")
   with open(d / "config.json") as f:
     assert json.load(f)["train"]["optim"]["lr"] == 0.01
+  out = _cli("tiny_ar.py", d, dict(new, debug_term_at_step=step))  # same config: no --force
+  assert out.returncode == 0, out.stderr[-2000:]
+  steps = [r["step"] for r in _metric_rows(d)]
+  assert steps[-3:] == [step + 1, step + 2, step + 3] and len(steps) == len(set(steps))
 
 
 def test_balance_expert_bias_nudges_towards_the_mean_and_skips_the_optimizer():

@@ -120,9 +120,27 @@ def test_two_processes_match_one_process(tmp_path):
                 **{"data.source": str(corpus(tmp_path)), "data.dataset_dir": str(tmp_path / "ds"),
                    "data.shards": 2})
   train_cli(tmp_path / "single", common)
+  logs = _two_processes(tmp_path / "multi", common, "tiny_pretrain.py")
+  assert "process 0/2" in logs[0] and "data shards [0] of 2" in logs[0], logs[0][-2000:]
+  assert "process 1/2" in logs[1] and "data shards [1] of 2" in logs[1], logs[1][-2000:]
+  single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
+  losses_close(multi, single)
+  for r, q in zip(multi, single):
+    assert r["masked_tokens"] == q["masked_tokens"]
+  info = run_info(tmp_path / "multi")
+  assert info["processes"] == 2 and info["devices"] == 8 and info["local_devices"] == 4
+  with open(tmp_path / "multi" / "checkpoints" / "4" / "data" / "metadata") as f:
+    data_state = json.load(f)
+  shards = data_state["grain_shards"]
+  assert sorted(shards) == ["0", "1"] and shards["0"] != shards["1"]
+  assert shards["0"]["settings"]["shard_index"] == 0 and shards["1"]["settings"]["shard_index"] == 1
+
+
+def _two_processes(workdir, overrides, config):
+  """The train CLI as 2 processes x 4 fake devices on localhost; returns their logs."""
   port = _free_port()
   procs = [subprocess.Popen(
-      train_cmd(tmp_path / "multi", common, extra=(
+      train_cmd(workdir, overrides, config=config, extra=(
           "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
           "--process_id", str(i), "--local_device_count", "4")),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
@@ -138,19 +156,7 @@ def test_two_processes_match_one_process(tmp_path):
         p.communicate()
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-4000:]
-  assert "process 0/2" in logs[0] and "data shards [0] of 2" in logs[0], logs[0][-2000:]
-  assert "process 1/2" in logs[1] and "data shards [1] of 2" in logs[1], logs[1][-2000:]
-  single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
-  losses_close(multi, single)
-  for r, q in zip(multi, single):
-    assert r["masked_tokens"] == q["masked_tokens"]
-  info = run_info(tmp_path / "multi")
-  assert info["processes"] == 2 and info["devices"] == 8 and info["local_devices"] == 4
-  with open(tmp_path / "multi" / "checkpoints" / "4" / "data" / "metadata") as f:
-    data_state = json.load(f)
-  shards = data_state["grain_shards"]
-  assert sorted(shards) == ["0", "1"] and shards["0"] != shards["1"]
-  assert shards["0"]["settings"]["shard_index"] == 0 and shards["1"]["settings"]["shard_index"] == 1
+  return logs
 
 
 OBJECTIVES_WORKER = r"""
@@ -180,7 +186,9 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_dpo_and_ebpo_under_a_mesh_match_one_device(tmp_path):
   """The DPO reference pass and the EBPO rollouts / log-ratios run under the mesh with
-  expert parallelism and log what one device logs."""
+  expert parallelism and log what one device logs; EBPO as 2 processes x 4 devices (the train
+  CLI: rollouts decoded on the global mesh, each process gathering every row's response)
+  logs what 1 process x 8 devices logs."""
   out = subprocess.run([sys.executable, "-c", OBJECTIVES_WORKER, str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=900, env=env())
   assert out.returncode == 0, out.stderr[-3000:]
@@ -192,3 +200,10 @@ def test_dpo_and_ebpo_under_a_mesh_match_one_device(tmp_path):
     for r, q in zip(mesh, one):
       for k in keys:
         assert abs(r[k] - q[k]) <= 1e-5 * max(abs(q[k]), 1.0), (stage, k, r[k], q[k])
+  # The same EBPO run (tiny_ebpo.py = the worker's config) on 2 processes x 4 devices.
+  kw = dict(mesh="data=2,expert=4", steps=2, log_every=1, ckpt_every=100,
+            **{"optim.warmup_steps": 0, "optim.schedule": "constant"})
+  _two_processes(tmp_path / "multi", kw, "tiny_ebpo.py")
+  multi, single = metrics(tmp_path / "multi"), res["ebpo|data=2,expert=4"]
+  assert [r["reward"] for r in multi] == [r["reward"] for r in single]
+  losses_close(multi, single)

@@ -148,7 +148,7 @@ def generate(params, config: ModelConfig, prompts, *, mode: str = "quality",
         params = parallel.shard_params(params, config, mesh, rules)
         inputs = parallel.put(inputs, _row_shardings(inputs, mesh, rules))
       out = decode_jit(params, config, *inputs, Knobs.from_settings(s), spec)
-      out = jax.device_get(out)
+      out = parallel.to_host(out)  # whole on every process, also on a multi-host mesh
       if on_block is not None:
         jax.effects_barrier()
   finally:

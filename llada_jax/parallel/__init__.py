@@ -22,7 +22,7 @@ from llada_jax.parallel.rules import (ACTIVATION_AXES, DEFAULT_RULES, activation
                                       activation_spec, logical_to_spec, normalize_rules,
                                       opt_state_shardings, param_bytes_per_device,
                                       param_partition_specs, param_shardings, per_device_bytes,
-                                      put, shard_params, sharded_param_shapes)
+                                      put, shard_params, sharded_param_shapes, to_host)
 from llada_jax.parallel.sharded import (auto_mesh_shape, device_memory_bytes, fake_cpu_devices,
                                         mesh_context, mesh_for_checkpoint,
                                         resolve_mesh, resolve_moe_impl, sharded_forward,
@@ -37,5 +37,5 @@ __all__ = [
     "mesh_from_config", "mesh_shape", "normalize_rules", "opt_state_shardings",
     "parallel_config", "param_bytes_per_device", "param_partition_specs", "param_shardings",
     "parse_mesh_spec", "per_device_bytes", "put", "register_ep", "resolve_mesh_shape",
-    "shard_params", "sharded_forward", "sharded_generate", "sharded_param_shapes",
+    "shard_params", "sharded_forward", "sharded_generate", "sharded_param_shapes", "to_host",
 ]

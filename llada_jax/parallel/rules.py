@@ -175,6 +175,17 @@ def put(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(one, tree, shardings)
 
 
+def to_host(tree: Any) -> Any:
+  """Numpy copies of (possibly sharded, multi-process) arrays, whole on every process: the
+  inverse of `put` (a process holding only its shards gathers the others')."""
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree_util.tree_map(one, tree)
+
+
 def shard_params(params: Any, config: ModelConfig, mesh, rules=None) -> Any:
   """The params placed on `mesh` by the rules."""
   return put(params, param_shardings(config, mesh, rules))

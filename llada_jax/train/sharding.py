@@ -201,12 +201,7 @@ def put_rows(tp: TrainParallel, tree):
 # ---- multi-process helpers ----------------------------------------------------------------------
 def to_host(tree):
   """Numpy copies of (possibly sharded, multi-process) arrays, whole on every process."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-  return jax.tree_util.tree_map(
-      lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-      if not x.is_fully_replicated else np.asarray(x), tree)
+  return parallel.to_host(tree)
 
 
 def allgather_json(obj) -> list:

@@ -424,9 +424,6 @@ class Trainer:
                                 has_checkpoint=_has_checkpoint(ckpt_dir))
     try:
       self.tp = sharding.setup(cfg)
-      if cfg.stage == "ebpo" and jax.process_count() > 1:
-        raise ValueError("stage ebpo runs on one process (its rollouts are decoded on the "
-                         "host of each process); use a mesh over this process's devices")
       self.layout = sharding.data_layout(self.tp, cfg.data.batch_size, cfg.data.seq_len,
                                          cfg.data.get("shards", 0))
     except ValueError as e:
