@@ -623,3 +623,20 @@ def test_train_existing_workdir_is_kept_on_bad_input(tmp_path, data_dir, capsys)
                  f"--config.data.source={data_dir}/empty.jsonl"]) == 2
   assert (workdir / "notes.txt").read_text() == "keep me"
   _one_error_line(capsys.readouterr().err)
+
+
+# ---- tools: the same boundary (`run_main`), checked as a user runs them --------------------------
+@pytest.mark.parametrize("argv, expected", [
+    (["tools/logits.py", "--checkpoint", "/no/such", "--input-ids", "1", "--out", "x.npy"],
+     "no such checkpoint directory: /no/such"),
+    (["tools/plan_memory.py", "--train-config", "missing.py"], "no training config file"),
+    (["tools/plan_memory.py", "--train-config", TRAIN_CFG, "--set", "nokey=1"],
+     "--set nokey: no such key"),
+    (["tools/export_tpu.py", "--config", "nope", "--mesh", "data=2"], "unknown model preset"),
+], ids=["logits", "plan_memory", "plan_memory_set", "export_tpu"])
+def test_tools_report_bad_input_in_one_line(argv, expected, tmp_path):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert expected in _one_error_line(out.stderr), out.stderr

@@ -14,6 +14,8 @@ Compile time is measured separately from run time (best of `--repeats` runs).
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import functools
 import platform
@@ -137,4 +139,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from llada_jax.errors import run_main  # noqa: E402 (the one error boundary of every CLI)
+  sys.exit(run_main(lambda argv: main(argv) or 0))

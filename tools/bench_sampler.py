@@ -14,6 +14,8 @@ Both paths include the LM head matmul (it dominates the FLOPs); the Pallas kerne
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import functools
 import platform
@@ -103,4 +105,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from llada_jax.errors import run_main  # noqa: E402 (the one error boundary of every CLI)
+  sys.exit(run_main(lambda argv: main(argv) or 0))

@@ -10,6 +10,8 @@ block-diffusion mask (logits on the noisy half only). Prints tokens/s and the ra
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import time
 
@@ -107,4 +109,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from llada_jax.errors import run_main  # noqa: E402 (the one error boundary of every CLI)
+  sys.exit(run_main(lambda argv: main(argv) or 0))

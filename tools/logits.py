@@ -69,4 +69,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from llada_jax.errors import run_main  # noqa: E402 (the one error boundary of every CLI)
+  sys.exit(run_main(lambda argv: main(argv) or 0))

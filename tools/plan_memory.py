@@ -122,7 +122,7 @@ def load_train_config(path: str, overrides=()):
     for part in path[:-1]:
       node = node[part]
     if path[-1] not in node:
-      raise ValueError(f"--set {key}: no such key in {path}")
+      raise ValueError(f"--set {key}: no such key in the training config")
     node[path[-1]] = value
   return cfg
 
@@ -181,4 +181,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from llada_jax.errors import run_main  # noqa: E402 (the one error boundary of every CLI)
+  sys.exit(run_main(lambda argv: main(argv) or 0))
