@@ -19,8 +19,8 @@ installed, the serialized `Exported` (`.bin`, read back by `jax.export.deseriali
 
 Programs: `forward` (logits of `--batch` x `--seq` tokens, block-causal), `decode` (the whole
 `decode_jit` while-loop for `--batch` prompts of `--prompt` tokens and `--gen` new tokens), and
-`train` (`llada_jax.train.trainer.bdlm_step`, the BDLM train step with AdamW, when that module
-is importable).
+`train` (`llada_jax.train.trainer.bdlm_step`, the BDLM train step with AdamW on fp32 master
+params and moments with the config's compute dtype inside, as the trainer runs it on a pod).
 """
 
 from __future__ import annotations
@@ -181,9 +181,12 @@ def lower_decode(c, mesh, rules, a):
 
 
 def lower_train(c, mesh, rules, a):
+  """The BDLM step as the trainer runs it on a pod: fp32 master params and Adam moments, the
+  config's compute dtype inside the step, AdamW with clipping, remat."""
   import optax  # noqa: PLC0415
   from llada_jax.train import trainer  # noqa: PLC0415  (raises while there is no trainer)
   from llada_jax.train.objectives import ObjectiveConfig  # noqa: PLC0415
+  c = c.replace(param_dtype="float32")  # the trainer's fp32 masters (pod_config)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5, weight_decay=0.1))
   ps = parallel.param_shardings(c, mesh, rules)
   params = parallel.sharded_param_shapes(c, mesh, rules)
@@ -287,7 +290,7 @@ def main(argv=None) -> int:
     text = exp.mlir_module()
     shape = {"forward": f"batch {a.batch} x {a.seq} tokens",
              "decode": f"batch {a.batch}, prompt {a.prompt}, gen {a.gen}, block {a.block_length}",
-             "train": f"batch {a.batch} x {a.seq} tokens, AdamW, remat"}[w]
+             "train": f"batch {a.batch} x {a.seq} tokens, fp32 masters, AdamW, remat"}[w]
     ok = exp.nr_devices == n and exp.platforms == ("tpu",)
     status |= 0 if ok else 1
     print(f"{w} ({shape}): lowered for {exp.platforms[0]} x {exp.nr_devices} devices in "
