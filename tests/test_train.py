@@ -405,3 +405,23 @@ def test_a_failed_checkpoint_write_keeps_the_last_checkpoint_and_says_so(tmp_pat
   assert out.returncode == 0, out.stderr[-2000:]
   steps = [r["step"] for r in _metric_rows(d)]
   assert steps[-3:] == [kept + 1, kept + 2, kept + 3] and len(steps) == len(set(steps))
+
+
+def test_eval_in_micro_batches_equals_one_batch():
+  """Held-out evaluation splits its batch like the training step (same peak memory): the
+  metrics of 4 micro-batches equal one pass over the batch."""
+  import llada_jax
+  from llada_jax.train import steps
+  cfg = _config(**{"data.task": "addition", "objective.edit_rate": 0.2,
+                   "objective.moe_impl": "ragged", "objective.attention_impl": "xla"})
+  c = trainer_lib.model_config(cfg)
+  params = llada_jax.init_params(c, jax.random.PRNGKey(0))
+  src = trainer_lib.make_source(cfg, trainer_lib.make_tokenizer(cfg, c), 8)
+  batch = {k: jax.numpy.asarray(v) for k, v in next(src).items()}
+  oc = trainer_lib.objective_config(cfg, 8, 0)
+  run = lambda accum: jax.jit(steps.bdlm_eval, static_argnums=0)(
+      steps.StepSpec(c, oc=oc, accum=accum), params, batch, jax.random.PRNGKey(1))
+  one, four = run(1), run(4)
+  for k, v in one.items():
+    np.testing.assert_allclose(np.asarray(four[k]), np.asarray(v), rtol=1e-5, atol=1e-6,
+                               err_msg=k)

@@ -316,4 +316,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   from llada_jax.errors import run_main  # noqa: E402 (the one error boundary of every CLI)
-  sys.exit(run_main(lambda argv: main(argv) or 0))
+  sys.exit(run_main(lambda argv: main([a for a in sys.argv[1:] if a != "--debug"]) or 0))

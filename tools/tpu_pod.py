@@ -905,4 +905,4 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
 
 if __name__ == "__main__":
   from llada_jax.errors import run_main  # noqa: E402 (the one error boundary of every CLI)
-  sys.exit(run_main(lambda argv: main(argv) or 0))
+  sys.exit(run_main(lambda argv: main([a for a in sys.argv[1:] if a != "--debug"]) or 0))

@@ -144,12 +144,13 @@ def run(argv=None) -> int:
     raise InputError("--config FILE and --workdir DIR are required (see --help)")
   _start_distributed(f)
   from llada_jax.train.trainer import (CheckpointWriteError, NonFiniteLoss,  # noqa: PLC0415
-                                       Trainer)
+                                       Trainer, _is_main)
   if f.export_hf.value:
     with cfg.unlocked():
       cfg.export_hf = f.export_hf.value
   workdir = f.workdir.value
   new_workdir = not os.path.exists(workdir)
+  trainer = None
   try:
     trainer = Trainer(cfg, workdir, progress=not f.no_progress.value, force=f.force.value)
     last = trainer.run()
@@ -160,8 +161,10 @@ def run(argv=None) -> int:
     _quiet_abandoned_writers()
     raise
   except Exception as e:  # noqa: BLE001 (re-raised: run_main reports it)
-    if describe(e) is not None and new_workdir and not _has_checkpoint(workdir):
-      # a bad input (config, data, files) leaves no run directory behind
+    started = trainer is not None and trainer.stepped
+    if (describe(e) is not None and new_workdir and not started
+        and not _has_checkpoint(workdir) and _is_main()):
+      # a bad input (config, data, files) found before any step leaves no run directory
       shutil.rmtree(workdir, ignore_errors=True)
     raise
   if trainer.preempted:

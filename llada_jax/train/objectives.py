@@ -77,8 +77,11 @@ def expert_load(router_idx: jax.Array | None, valid: jax.Array, num_experts: int
   (`[B, T]` bool) tokens of `router_idx` `[Lm, B, T, K]` (`[0, E]` without MoE layers)."""
   if router_idx is None:
     return jnp.zeros((0, num_experts), jnp.float32)
-  hot = jax.nn.one_hot(router_idx, num_experts, dtype=jnp.float32)  # [Lm, B, T, K, E]
-  return jnp.einsum("lbtke,bt->le", hot, valid.astype(jnp.float32))
+  lm = router_idx.shape[0]
+  weight = jnp.broadcast_to(valid[..., None], router_idx.shape[1:]).astype(jnp.float32)
+  count = lambda idx: jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(
+      weight.reshape(-1))
+  return jax.vmap(count)(router_idx.reshape(lm, -1, router_idx.shape[-1]))
 
 
 def noisy_logits(params, c: ModelConfig, xt, x0, segment_ids, positions, block_length: int,

@@ -188,7 +188,13 @@ def bdlm_eval(spec: StepSpec, params, batch, key) -> dict:
   c, oc = spec.c, spec.oc
   noise = obj.bdlm_noise(key, batch, c, oc)
   denoms = obj.bdlm_denominators(noise, oc)
-  _, sums = obj.bdlm_sums(compute_params(params, c), c, batch, noise, denoms, oc)
+  cp = compute_params(params, c)
+  fn = lambda d: obj.bdlm_sums(cp, c, d[0], d[1], denoms, oc)[1]
+  if spec.accum == 1:
+    sums = fn((batch, noise))
+  else:  # the training step's micro-batches: the same peak memory as training
+    per = jax.lax.map(fn, micro_batches((batch, noise), spec.accum))
+    sums = jax.tree_util.tree_map(lambda x: x.sum(0), per)
   metrics = obj.bdlm_metrics(sums, denoms, oc)
   return {k: v for k, v in metrics.items() if k not in ("expert_tokens",)}
 

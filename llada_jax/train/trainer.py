@@ -60,6 +60,18 @@ class CheckpointWriteError(InputError):
   """A checkpoint could not be written (disk full, permissions): one line, exit status 2."""
 
 
+def _is_write_error(e: BaseException) -> bool:
+  """Whether `e` (or what it wraps) is the OS refusing a write: an `OSError`, or tensorstore's
+  error carrying an `os_error_code` (orbax re-raises those as ValueErrors). Anything else is a
+  bug and keeps its traceback."""
+  seen, x = 0, e
+  while x is not None and seen < 8:
+    if isinstance(x, OSError) or "os_error_code" in str(x):
+      return True
+    x, seen = x.__cause__ or x.__context__, seen + 1
+  return False
+
+
 def _write_error_reason(e: BaseException) -> str:
   """'File too large', 'No space left on device', ...: the OS error behind a failed write."""
   for x in (e, e.__cause__, e.__context__):
@@ -455,6 +467,7 @@ class Trainer:
     self.manager = ocp.CheckpointManager(
         ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
     self.preempted = False
+    self.stepped = False  # whether this run has taken a training step
     self.preempted_by = ""
     self._term = False
 
@@ -496,6 +509,8 @@ class Trainer:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(source_state(source))))
     except Exception as e:  # noqa: BLE001 (orbax raises ValueErrors from its writer threads)
+      if not _is_write_error(e):
+        raise
       raise self._write_failed(e) from e
 
   def _finish_writes(self) -> None:
@@ -503,6 +518,8 @@ class Trainer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
+      if not _is_write_error(e):
+        raise
       raise self._write_failed(e) from e
 
   def _write_failed(self, e: BaseException) -> "CheckpointWriteError":
@@ -595,8 +612,9 @@ class Trainer:
 
   # -- preemption --
   def _on_signal(self, signum, frame) -> None:
-    if signum == signal.SIGINT and self._term:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    if signum == signal.SIGINT and self._term:  # a second Ctrl-C: end the process now (the
+      from llada_jax.errors import _exit_interrupted  # noqa: PLC0415  complete checkpoints
+      _exit_interrupted()  # stay whole: orbax writes into temporary directories)
     self._term = True
     self.preempted_by = signal.Signals(signum).name
 
@@ -658,6 +676,7 @@ class Trainer:
         key = jax.random.fold_in(base_key, step)
         block = wsd.block_length_at(self.stages, step)
         state, metrics = self._step(state, source, key, block, step, ref_params)
+        self.stepped = True
         tokens += float(metrics.pop("tokens"))
         if not bool(metrics["finite"]):
           raise NonFiniteLoss(
@@ -727,7 +746,7 @@ class Trainer:
     evaluation (so the curve is comparable across steps)."""
     cfg = self.cfg
     source = make_eval_source(cfg, self.tokenizer, block, self._train_source, self.layout)
-    spec = steps.StepSpec(self.c, oc=self._objective(block, step))
+    spec = steps.StepSpec(self.c, oc=self._objective(block, step), accum=self.accum)
     key = jax.random.PRNGKey(cfg.seed + EVAL_SEED_OFFSET)
     total: dict = {}
     n = cfg.get("eval_batches", 2)
