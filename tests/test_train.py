@@ -218,12 +218,23 @@ def _metric_rows(workdir):
     return [json.loads(x) for x in f]
 
 
+def _cli_cmd(config, workdir, overrides, extra=()):
+  return [sys.executable, "-m", "llada_jax.train", "--config",
+          os.path.join(ROOT, "configs", config), "--workdir", str(workdir), "--no_progress",
+          *extra] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
 def _cli(config, workdir, overrides, extra=()):
-  cmd = [sys.executable, "-m", "llada_jax.train", "--config",
-         os.path.join(ROOT, "configs", config), "--workdir", str(workdir), "--no_progress",
-         *extra] + [f"--config.{k}={v}" for k, v in overrides.items()]
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+  return subprocess.run(_cli_cmd(config, workdir, overrides, extra), capture_output=True,
+                        text=True, cwd=ROOT, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def _start_cli(config, workdir, overrides, **popen_kw):
+  """The train CLI started in the background (for tests that signal or limit it mid-run)."""
+  return subprocess.Popen(_cli_cmd(config, workdir, overrides), cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), **popen_kw)
 
 
 def test_run_identity_rules(tmp_path):
@@ -260,11 +271,7 @@ def test_ctrl_c_and_sigterm_save_the_current_step_then_resume(tmp_path):
   import time
   d = tmp_path / "run"
   kw = {"steps": 500, "log_every": 1, "ckpt_every": 1000, "data.batch_size": 8}
-  cmd = [sys.executable, "-m", "llada_jax.train", "--config",
-         os.path.join(ROOT, "configs", "tiny_ar.py"), "--workdir", str(d), "--no_progress"]
-  cmd += [f"--config.{k}={v}" for k, v in kw.items()]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = _start_cli("tiny_ar.py", d, kw)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if (d / "metrics.jsonl").exists() and len(_metric_rows(d)) >= 2:
@@ -383,12 +390,8 @@ def test_a_failed_checkpoint_write_keeps_the_last_checkpoint_and_says_so(tmp_pat
   import time
   d = tmp_path / "run"
   kw = {"steps": 400, "log_every": 1, "ckpt_every": 3, "data.batch_size": 8}
-  cmd = [sys.executable, "-m", "llada_jax.train", "--config",
-         os.path.join(ROOT, "configs", "tiny_ar.py"), "--workdir", str(d), "--no_progress"]
-  cmd += [f"--config.{k}={v}" for k, v in kw.items()]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+  proc = _start_cli("tiny_ar.py", d, kw,
+                    preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
   deadline = time.time() + 300
   while time.time() < deadline and not (d / "checkpoints" / "3").exists():
     time.sleep(0.1)

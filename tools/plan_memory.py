@@ -131,7 +131,7 @@ def train_table(cfg, mesh_spec, devices) -> str:
   """The plan of a training run, per device, and where it fits."""
   from llada_jax.train import plan as plan_lib  # noqa: PLC0415
   from llada_jax.train import trainer  # noqa: PLC0415
-  mesh = plan_lib._abstract_mesh(mesh_spec or cfg.mesh, devices)
+  mesh = plan_lib.abstract_mesh(mesh_spec or cfg.mesh, devices)
   p = plan_lib.plan_train(cfg, mesh, backend="tpu")
   w = plan_lib.workload(cfg, "tpu")
   c = trainer.model_config(cfg)

@@ -144,7 +144,7 @@ def run(argv=None) -> int:
     raise InputError("--config FILE and --workdir DIR are required (see --help)")
   _start_distributed(f)
   from llada_jax.train.trainer import (CheckpointWriteError, NonFiniteLoss,  # noqa: PLC0415
-                                       Trainer, _is_main)
+                                       Trainer, _has_checkpoint, _is_main)
   if f.export_hf.value:
     with cfg.unlocked():
       cfg.export_hf = f.export_hf.value
@@ -163,7 +163,7 @@ def run(argv=None) -> int:
   except Exception as e:  # noqa: BLE001 (re-raised: run_main reports it)
     started = trainer is not None and trainer.stepped
     if (describe(e) is not None and new_workdir and not started
-        and not _has_checkpoint(workdir) and _is_main()):
+        and not _has_checkpoint(os.path.join(workdir, "checkpoints")) and _is_main()):
       # a bad input (config, data, files) found before any step leaves no run directory
       shutil.rmtree(workdir, ignore_errors=True)
     raise
@@ -183,11 +183,6 @@ def _quiet_abandoned_writers() -> None:
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   logging.getLogger("absl").setLevel(logging.CRITICAL)
   sys.unraisablehook = lambda unraisable: None
-
-
-def _has_checkpoint(workdir: str) -> bool:
-  ckpt = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,9 @@ from llada_jax.parallel import memory
 from llada_jax.train import sharding, trainer
 
 
-def _abstract_mesh(mesh, devices: int | None):
+def abstract_mesh(mesh, devices: int | None = None):
+  """`mesh` (a Mesh, an AbstractMesh, a spec or axis sizes; empty: one device) as a mesh to
+  plan on (a spec with a -1 axis needs `devices`)."""
   if isinstance(mesh, (jax.sharding.Mesh, AbstractMesh)):
     return mesh
   if isinstance(mesh, dict):
@@ -68,7 +70,7 @@ def plan_train(cfg, mesh=None, *, devices: int | None = None,
   """Bytes per device of the training run `cfg` on `mesh` (default `cfg.mesh`; a spec with -1
   needs `devices`) on `backend` (default this host's). See the module doc for the keys."""
   c = trainer.model_config(cfg)
-  mesh = _abstract_mesh(cfg.get("mesh") if mesh is None else mesh, devices)
+  mesh = abstract_mesh(cfg.get("mesh") if mesh is None else mesh, devices)
   rules = parallel.normalize_rules(cfg.get("rules") or None)
   tp = sharding.TrainParallel(mesh=mesh, rules=rules, moe_impl="ragged",
                               attention_impl=cfg.objective.attention_impl,

@@ -26,8 +26,6 @@ from llada_jax.config import ModelConfig
 from llada_jax.model import params as params_lib
 from llada_jax.parallel import rules as rules_lib
 
-MOE_AUTO = "auto"
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainParallel:
@@ -199,11 +197,6 @@ def put_rows(tp: TrainParallel, tree):
 
 
 # ---- multi-process helpers ----------------------------------------------------------------------
-def to_host(tree):
-  """Numpy copies of (possibly sharded, multi-process) arrays, whole on every process."""
-  return parallel.to_host(tree)
-
-
 def allgather_json(obj) -> list:
   """`[obj of process 0, obj of process 1, ...]` of a JSON-able object, on every process."""
   if jax.process_count() == 1:

@@ -729,7 +729,7 @@ class Trainer:
 
   def _export(self, params) -> None:
     """HF checkpoint of the params in the compute dtype (gathered; written by process 0)."""
-    host = sharding.to_host(params)
+    host = llada_jax.parallel.to_host(params)
     if _is_main():
       llada_jax.save_hf_checkpoint(self.cfg.export_hf, self.c, host, dtype=self.c.dtype)
       if hasattr(self.tokenizer, "save"):
