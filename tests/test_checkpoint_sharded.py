@@ -526,7 +526,7 @@ def test_sharded_load_peak_memory(random_checkpoint, spec, dtype):
   print(f"{spec} dtype={dtype}: {r}")
   # The measurement sees the params (each replica is its own buffer) ...
   assert r["growth"] >= 0.9 * r["shard_bytes"], r
-  assert r["shard_bytes"] > 2 * r["param_bytes"], r
+  assert r["shard_bytes"] > 1.25 * r["param_bytes"], r
   # ... and nothing much besides them.
   assert r["growth"] <= r["shard_bytes"] + r["largest"] + MEMORY_SLACK, r
 

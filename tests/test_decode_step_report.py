@@ -58,7 +58,7 @@ def test_report_lines_and_the_copy_gate():
   p = _run()
   assert p.returncode == 0, p.stderr[-3000:]
   out = p.stdout
-  assert "weights read: 742.19 KiB (all params)" in out
+  assert "weights read: 614.19 KiB (all params)" in out
   assert "KV read: 48.00 KiB at cache capacity; 36.00 KiB live at mid-generation" in out
   assert _copies(out) == 0, out
   assert "4 x scatter -> [2, 1, 2, 64, 16]" in out  # prefill + commit writes, k and v

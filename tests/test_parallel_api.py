@@ -58,7 +58,7 @@ def test_resolve_mesh_on_one_device():
 def test_moe_impl_for_a_mesh():
   m = parallel.make_mesh("data=1")
   assert parallel.resolve_moe_impl("auto", None) == "auto_local"  # CPU: per-shape choice
-  assert parallel.resolve_moe_impl("auto", m) == "ep"  # CPU: dense all_to_all, dropless
+  assert parallel.resolve_moe_impl("auto", m) == "ep_einsum"  # CPU: dense all_to_all, dropless
   assert parallel.resolve_moe_impl("dense", m) == "dense"
   dropping = ep_lib.EPConfig(capacity_factor=1.25)
   assert parallel.resolve_moe_impl(dropping, m).startswith("ep_")  # training may drop

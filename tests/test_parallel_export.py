@@ -41,7 +41,7 @@ def test_export_tool_flash_64_devices(capsys, tmp_path):
                           "--prompt", "64", "--gen", "64", "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "(64 devices), moe_impl ep_ragged" in out
-  assert "per device 3.67 GiB" in out
+  assert "per device 3.40 GiB" in out
   assert "forward (batch 8 x 1024 tokens): lowered for tpu x 64 devices" in out
   assert "decode (batch 8, prompt 64, gen 64, block 32): lowered for tpu x 64 devices" in out
   assert "ragged_all_to_all 2" in out

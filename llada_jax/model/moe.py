@@ -346,7 +346,8 @@ EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense, "tile_loop": e
 COMBINED_EXPERT_IMPLS = {}
 # Implementations living in other packages, imported (and registered) on first use.
 _LAZY_EXPERTS = {"ep": "llada_jax.parallel.expert_parallel",
-                 "ep_ragged": "llada_jax.parallel.expert_parallel"}
+                 "ep_ragged": "llada_jax.parallel.expert_parallel",
+                 "ep_einsum": "llada_jax.parallel.expert_parallel"}
 
 
 def register_experts(name: str, fn) -> None:

@@ -29,7 +29,9 @@ Two dispatch paths (`EPConfig.dispatch`):
     all_gather-based equivalent so the offsets arithmetic is tested on CPU.
 
 Grouped matmul (`EPConfig.gmm`): "ragged_dot" (`lax.ragged_dot`), "einsum" (dense path only:
-a batched einsum over the capacity buffer), or "megablox" (the Pallas TPU kernel
+a batched einsum over the capacity buffer; what `moe_impl="auto"` runs off TPU as "ep_einsum":
+XLA:CPU expands `ragged_dot` into a masked dense matmul over every group, E_loc times the work
+and an `[M, E_loc * D]` buffer), or "megablox" (the Pallas TPU kernel
 `jax.experimental.pallas.ops.tpu.megablox.gmm`; interpreted on CPU).
 
 Load-balance statistics come back with the output: `tokens_per_expert` `[E]` (global count of
@@ -346,7 +348,8 @@ def _grouped_ffn_uniform(buf, gate, up, down, gmm: str):
 
 
 # ---- registration as a moe_impl -----------------------------------------------------------------
-_BUILTIN = {"ep": EPConfig(), "ep_ragged": EPConfig(dispatch="ragged")}
+_BUILTIN = {"ep": EPConfig(), "ep_ragged": EPConfig(dispatch="ragged"),
+            "ep_einsum": EPConfig(gmm="einsum")}
 _REGISTERED: dict[EPConfig, str] = {}
 
 

@@ -14,8 +14,13 @@ replicated rather than failing). Optimizer state is sharded like the params it m
 
 Default layout (FSDP + expert + tensor parallelism):
   batch -> (data, fsdp, expert); hidden dim of weights (`embed`) -> fsdp; experts -> expert;
-  vocab / attention heads / MLP widths / expert MLP widths -> tensor; layers, head_dim, the
-  router and activations' hidden dim -> replicated.
+  vocab -> (tensor, expert); attention heads / MLP widths / expert MLP widths -> tensor; layers,
+  head_dim, the router and activations' hidden dim -> replicated.
+
+The vocabulary also splits over `expert`: the embedding and LM head are the largest dense
+weights (2 x 0.64 GB in bf16 for LLaDA2.1-mini), and an expert-parallel decode mesh would
+otherwise hold a whole copy of both on every device (the logits of a decode window are
+vocab-sharded the same way; their rows, when the batch is too small to split, stay whole).
 """
 
 from __future__ import annotations
@@ -39,13 +44,13 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
     "length": (),
     "act_embed": (),
-    "act_vocab": ("tensor",),
+    "act_vocab": ("tensor", "expert"),
     "kv_length": (),
     "kv_heads": ("tensor",),
     # params (names from llada_jax.model.params)
     "layers": (),
     "embed": ("fsdp",),
-    "vocab": ("tensor",),
+    "vocab": ("tensor", "expert"),
     "qkv": ("tensor",),
     "heads": ("tensor",),
     "head_dim": (),

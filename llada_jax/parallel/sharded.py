@@ -148,8 +148,8 @@ def resolve_moe_impl(moe_impl, mesh=None, rules=None, *, dropless: bool = False)
 
   "auto": without a mesh "ragged" (`lax.ragged_dot`) on TPU and "auto_local" elsewhere (dense
   or sorted tiles, chosen per static shape: `llada_jax.model.moe.choose_experts`); with one the
-  dropless expert-parallel path, "ep_ragged" (ragged_all_to_all) on TPU and "ep" (dense
-  all_to_all at worst-case capacity) elsewhere. An `EPConfig` is registered; the built-in "ep"/"ep_ragged" follow `rules`
+  dropless expert-parallel path, "ep_ragged" (ragged_all_to_all) on TPU and "ep_einsum" (dense
+  all_to_all at worst-case capacity, a batched einsum over the buffer) elsewhere. An `EPConfig` is registered; the built-in "ep"/"ep_ragged" follow `rules`
   when they differ from the defaults (so the experts' in-specs match the params).
   `dropless=True` (decoding) refuses a dispatch that can drop token copies (capacity_factor > 0):
   a dropped copy would silently change the decoded tokens."""
@@ -165,7 +165,7 @@ def _resolve_moe_name(moe_impl, mesh, rules) -> str:
   if moe_impl == AUTO:
     if mesh is None:  # TPU: the grouped matmul; CPU/GPU: chosen per static shape (model/moe.py)
       return "ragged" if jax.default_backend() == "tpu" else "auto_local"
-    moe_impl = "ep_ragged" if jax.default_backend() == "tpu" else "ep"
+    moe_impl = "ep_ragged" if jax.default_backend() == "tpu" else "ep_einsum"
   if isinstance(moe_impl, ep_lib.EPConfig):
     return ep_lib.register_ep(moe_impl)
   if rules is not None and moe_impl in ep_lib._BUILTIN:

@@ -64,7 +64,7 @@ def build_mesh(spec) -> Mesh:
 def resolve_moe(name: str, mesh: Mesh, rules) -> str:
   """`objective.moe_impl` under `mesh`, by `llada_jax.parallel.sharded.resolve_moe_impl` (the
   same choice as decoding): "auto" is the dropless expert-parallel path when the mesh has an
-  expert axis ("ep_ragged" on TPU, "ep" elsewhere), else the backend's local one ("ragged" on
+  expert axis ("ep_ragged" on TPU, "ep_einsum" elsewhere), else the backend's local one ("ragged" on
   TPU, "auto_local" elsewhere); expert-parallel names follow the rules."""
   from llada_jax.parallel.sharded import resolve_moe_impl  # noqa: PLC0415
   has_experts = dict(mesh.shape).get("expert", 1) > 1
