@@ -3,7 +3,7 @@
 decoded through the CLI on 8 fake CPU devices with an expert-parallel mesh and, for comparison,
 on one device.
 
-  python tools/smoke_full_width.py [--layers 2] [--mesh fsdp=2,expert=4] [--gen-length 64]
+  python tools/smoke_full_width.py [--layers 2] [--mesh auto] [--gen-length 64]
 
 Prints, per run: checkpoint load time, peak host memory of the CLI process (every fake device's
 arrays live in host memory), decode time with and without compilation, time per forward, and
@@ -94,7 +94,7 @@ def run_cli(ckpt: str, mesh: str | None, devices: int, prompt: list[int], gen_le
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--layers", type=int, default=2, help="layers (the first is dense)")
-  ap.add_argument("--mesh", default="fsdp=2,expert=4")
+  ap.add_argument("--mesh", default="auto", help="the CLI's --mesh (auto: expert=8 here)")
   ap.add_argument("--devices", type=int, default=8)
   ap.add_argument("--gen-length", type=int, default=64)
   ap.add_argument("--block-length", type=int, default=32)

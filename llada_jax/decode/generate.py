@@ -231,48 +231,54 @@ def _eos_in(canvas_pos_tokens, lo, hi, eos_id):
   return jnp.any((canvas_pos_tokens == eos_id) & (pos >= lo[:, None]) & (pos < hi[:, None]), -1)
 
 
-def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
-            row_keys: jax.Array, knobs: Knobs, spec: StaticSpec):
-  bl, w = spec.block_length, spec.mbe_window
-  win = w * bl
-  pad = (w - 1) * bl
-  batch, t = canvas0.shape
-  v21 = spec.algorithm == "llada2.1"
-  fwd = _row_mapped(functools.partial(forward_core, attention_impl=spec.attention_impl,
-                                      moe_impl=spec.moe_impl), spec.batch_invariant)
-  fused = spec.sampler_impl != "logits"  # the window forward returns hidden states, not logits
-  get_sampler(spec.sampler_impl)  # unknown names fail here, before tracing the loop
+def _window_forward_fn(c: ModelConfig, spec: StaticSpec):
+  """`forward_core` with the spec's implementations (row-mapped when batch-invariant)."""
+  return _row_mapped(functools.partial(forward_core, attention_impl=spec.attention_impl,
+                                       moe_impl=spec.moe_impl), spec.batch_invariant)
 
-  first_block = prompt_len // bl
-  num_blocks = (prompt_len + spec.gen_length + bl - 1) // bl
 
-  # Prefill: every prompt block before first_block, block-causally, into the cache.
-  cache_slots = kv_cache.capacity(t)  # [L, B, KV, S, d] leaves, S >= t (kernel tiles divide it)
-  cache = _constrain_cache(kv_cache.init_cache(c, batch, cache_slots))
-  prefill_len = spec.prompt_bucket
-  pre_tokens = canvas0[:, :prefill_len]
-  pre_pos = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), pre_tokens.shape)
-  pre_seg = jnp.where(pre_pos < (first_block * bl)[:, None], 0, -1)
-  has_prefill = jnp.any(first_block > 0)
+def prefill_kv(params, c: ModelConfig, spec: StaticSpec, tokens: jax.Array,
+               first_block: jax.Array):
+  """K/V of every full prompt block before `first_block` `[B]`, block-causally: tokens `[B, P]`
+  (P a multiple of the block length) -> a forward's `kv` (`[L, B, P, KV, d]` per leaf). Slots
+  from `first_block` on are computed too and overwritten before they become valid."""
+  bl = spec.block_length
+  pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  seg = jnp.where(pos < (first_block * bl)[:, None], 0, -1)
 
-  def prefill(_):
-    # Only the prompt's full blocks matter; later slots are overwritten before they are valid.
-    out = fwd(params, c, pre_tokens, pre_pos, masks.block_causal(pre_pos, bl, pre_seg),
-              with_logits=False)
+  def run(_):
+    out = _window_forward_fn(c, spec)(params, c, tokens, pos,
+                                      masks.block_causal(pos, bl, seg), with_logits=False)
     return out.kv
 
+  # The conditional forward returns only K/V and leaves the cache out of its results: a cache
+  # that went through a `lax.cond` would be copied (XLA gives each branch result its own
+  # buffer); the callers' writes run unconditionally, in place.
+  return _cond_or_zeros(jnp.any(first_block > 0), run)
+
+
+def init_carry(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
+               row_keys: jax.Array, knobs: Knobs, spec: StaticSpec,
+               gen_length: jax.Array | None = None) -> Carry:
+  """The loop's first state: full prompt blocks prefilled into the cache, every row active.
+  canvas0 `[B, T]` (prompt then masks), prompt_len `[B]`, row_keys `[B, 2]`; `gen_length` `[B]`
+  (default: the spec's) bounds each row's generation."""
+  bl, w = spec.block_length, spec.mbe_window
+  win, pad = w * bl, (w - 1) * bl
+  batch, t = canvas0.shape
+  if gen_length is None:
+    gen_length = jnp.full((batch,), spec.gen_length, jnp.int32)
+  first_block = prompt_len // bl
+  num_blocks = (prompt_len + gen_length + bl - 1) // bl
   if spec.use_cache:
-    # The conditional forwards return only K/V (or logits) and leave the cache out of their
-    # results: a cache that went through a `lax.cond` would be copied (XLA gives each branch
-    # result its own buffer); the writes below run unconditionally, in place.
-    kv = _cond_or_zeros(has_prefill, prefill)
+    cache = _constrain_cache(kv_cache.init_cache(c, batch, kv_cache.capacity(t)))
+    kv = prefill_kv(params, c, spec, canvas0[:, :spec.prompt_bucket], first_block)
     cache = kv_cache.write(cache, kv, jnp.zeros((batch,), jnp.int32))
   else:
     cache = {}
-
   r = max(spec.trajectory, 1)
   canvas = jnp.concatenate([jnp.full((batch, pad), knobs.mask_id, jnp.int32), canvas0], axis=1)
-  carry = Carry(
+  return Carry(
       params=params, canvas=canvas, prompt_len=prompt_len, first_block=first_block,
       num_blocks=num_blocks, block=first_block, counter=jnp.zeros((batch,), jnp.int32),
       converged=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool), cache=cache,
@@ -283,9 +289,20 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
       traj_tokens=jnp.zeros((r, batch, win), jnp.int32),
       traj_fill=jnp.zeros((r, batch, win), bool), traj_edit=jnp.zeros((r, batch, win), bool))
 
-  max_blocks = t // bl
-  default_budget = max_blocks * (win + knobs.max_post_steps + 2) + 2
-  max_iterations = jnp.where(knobs.max_iterations > 0, knobs.max_iterations, default_budget)
+
+def loop_body(c: ModelConfig, knobs: Knobs, spec: StaticSpec, batch: int, t: int):
+  """One iteration of the decode loop for `batch` rows of canvas length `t`, as a function
+  `Carry -> Carry` (see the module doc). The knobs may be scalars or, except the sampler's
+  temperature / top_k / top_p and the ids, `[B]` per row (a server's rows in different modes)."""
+  bl, w = spec.block_length, spec.mbe_window
+  win = w * bl
+  pad = (w - 1) * bl
+  v21 = spec.algorithm == "llada2.1"
+  fwd = _window_forward_fn(c, spec)
+  fused = spec.sampler_impl != "logits"  # the window forward returns hidden states, not logits
+  get_sampler(spec.sampler_impl)  # unknown names fail here, before tracing the loop
+  cache_slots = kv_cache.capacity(t)
+  r = max(spec.trajectory, 1)
 
   def window_of(cr: Carry):
     """Window tokens `[B, W]`, their canvas positions, and which of them are live."""
@@ -309,9 +326,6 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
     return _slice_rows_3d(jnp.concatenate(
         [jnp.zeros((batch, pad) + logits.shape[2:], logits.dtype), logits], axis=1),
         start + pad, win)
-
-  def cond(cr: Carry):
-    return jnp.any(~cr.done) & (cr.iteration < max_iterations)
 
   def body(cr: Carry) -> Carry:
     # ---- 1. finish / commit / advance -------------------------------------------------------
@@ -444,14 +458,31 @@ def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
     cr = step(cr)  # rows that are done change nothing; the window forward is skipped
     return cr.replace(iteration=cr.iteration + 1)
 
+  return body
+
+
+def _decode(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array,
+            row_keys: jax.Array, knobs: Knobs, spec: StaticSpec):
+  batch, t = canvas0.shape
+  pad = (spec.mbe_window - 1) * spec.block_length
+  carry = init_carry(params, c, canvas0, prompt_len, row_keys, knobs, spec)
+  body = loop_body(c, knobs, spec, batch, t)
+  max_blocks = t // spec.block_length
+  default_budget = max_blocks * (spec.mbe_window * spec.block_length + knobs.max_post_steps
+                                 + 2) + 2
+  max_iterations = jnp.where(knobs.max_iterations > 0, knobs.max_iterations, default_budget)
+
+  def cond(cr: Carry):
+    return jnp.any(~cr.done) & (cr.iteration < max_iterations)
+
   cr = jax.lax.while_loop(cond, body, carry)
   flat = cr.canvas[:, pad:]
   out = _slice_rows(jnp.concatenate(
       [flat, jnp.full((batch, spec.gen_length), knobs.mask_id, jnp.int32)], axis=1),
       prompt_len, spec.gen_length)
   return dict(tokens=out, nfe=cr.nfe, fills=cr.fills, edits=cr.edits, commits=cr.commits,
-              iterations=cr.iteration, done=cr.done, traj_start=cr.traj_start, traj_tokens=cr.traj_tokens,
-              traj_fill=cr.traj_fill, traj_edit=cr.traj_edit)
+              iterations=cr.iteration, done=cr.done, traj_start=cr.traj_start,
+              traj_tokens=cr.traj_tokens, traj_fill=cr.traj_fill, traj_edit=cr.traj_edit)
 
 
 decode_jit = jax.jit(_decode, static_argnames=("c", "spec"))
