@@ -19,10 +19,13 @@ class Tokenizer:
   `tokenizer_config.json`, a chat template that is not a string, or that has a Jinja syntax
   error (checked by `check_chat_template` or on first use)."""
 
-  def __init__(self, tok, chat_template: str | None = None, template_source: str | None = None):
+  def __init__(self, tok, chat_template: str | None = None, template_source: str | None = None,
+               special_tokens: dict[str, str] | None = None):
     self._tok = tok
     self.chat_template = chat_template
     self.template_source = template_source or "the chat template"
+    # bos_token, eos_token, pad_token, unk_token, ... as the template sees them
+    self.special_tokens = dict(special_tokens or {})
     self._compiled = None  # (template text, compiled jinja2 template)
 
   @classmethod
@@ -33,11 +36,13 @@ class Tokenizer:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):
       raise FileNotFoundError(f"no tokenizer.json in {path}")
-    template, source = None, None
+    template, source, special = None, None, {}
     cfg = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(cfg):
-      template = _chat_template_of(_read_json(cfg), cfg)
+      parsed = _read_json(cfg)
+      template = _chat_template_of(parsed, cfg)
       source = cfg
+      special = _special_tokens_of(parsed)
     jinja = os.path.join(path, "chat_template.jinja")
     if template is None and os.path.exists(jinja):
       try:
@@ -52,7 +57,7 @@ class Tokenizer:
       tok = HFTokenizer.from_file(file)
     except Exception as e:  # noqa: BLE001 (the Rust library raises plain Exception)
       raise InputError(f"{file} is not a valid tokenizer.json ({one_line(e)[:300]})") from None
-    return cls(tok, template, source)
+    return cls(tok, template, source, special)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -64,29 +69,35 @@ class Tokenizer:
     return self._tok.token_to_id(token)
 
   def check_chat_template(self):
-    """Compiles the chat template (once); a syntax error raises one `InputError` naming the
-    file and the line."""
+    """Compiles the chat template (once) as Hugging Face does: a sandboxed Jinja environment
+    with `trim_blocks`, `lstrip_blocks`, the `loopcontrols` extension, the `tojson` filter and
+    the `raise_exception` / `strftime_now` globals. A syntax error raises one `InputError`
+    naming the file and the line."""
     if self.chat_template is None:
       raise InputError("this tokenizer has no chat template")
     if self._compiled is None or self._compiled[0] != self.chat_template:
       import jinja2
-      env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-      env.globals["raise_exception"] = _raise_exception  # as Hugging Face templates expect
       try:
-        self._compiled = (self.chat_template, env.from_string(self.chat_template))
+        self._compiled = (self.chat_template, chat_environment().from_string(self.chat_template))
       except jinja2.TemplateSyntaxError as e:
         raise InputError(f"{self.template_source}: chat template syntax error at line "
                          f"{e.lineno}: {one_line(e.message)}") from None
     return self._compiled[1]
 
-  def apply_chat_template(self, user_text: str) -> str:
-    """Renders a single user turn followed by the assistant prompt."""
+  def apply_chat_template(self, messages, *, add_generation_prompt: bool = True,
+                          **kwargs) -> str:
+    """Renders `messages` (a list of {"role", "content"} dicts: system / user / assistant turns;
+    a plain string is one user turn) with the special tokens of `tokenizer_config.json`
+    (`bos_token`, `eos_token`, ...) and `add_generation_prompt`, as `transformers`'
+    `apply_chat_template(..., tokenize=False)`; extra `kwargs` reach the template too."""
     import jinja2
+    if isinstance(messages, str):
+      messages = [{"role": "user", "content": messages}]
+    _check_messages(messages)
     template = self.check_chat_template()
     try:
-      return template.render(
-          messages=[{"role": "user", "content": user_text}], add_generation_prompt=True,
-          bos_token="", eos_token="")
+      return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                             **{**self.special_tokens, **kwargs})
     except jinja2.TemplateError as e:
       raise InputError(f"{self.template_source}: the chat template failed to render "
                        f"({type(e).__name__}: {one_line(e)})") from None
@@ -123,3 +134,49 @@ def _chat_template_of(cfg, file: str) -> str | None:
 def _raise_exception(message):
   import jinja2
   raise jinja2.TemplateError(message)
+
+
+def _special_tokens_of(cfg: dict) -> dict[str, str]:
+  """`bos_token`, `eos_token`, `unk_token`, `pad_token`, ... of a `tokenizer_config.json`
+  (strings, or Hugging Face's {"content": ...} objects); absent ones are left out."""
+  out = {}
+  for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+               "mask_token"):
+    v = cfg.get(name)
+    if isinstance(v, dict):
+      v = v.get("content")
+    if isinstance(v, str):
+      out[name] = v
+  return out
+
+
+def _check_messages(messages) -> None:
+  if not isinstance(messages, (list, tuple)) or not messages:
+    raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} "
+                     "objects")
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+      raise InputError(f"messages[{i}] must be an object with a string 'role', got "
+                       f"{describe_value(m)[:80]}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                    sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+  import datetime
+  return datetime.datetime.now().strftime(fmt)
+
+
+def chat_environment():
+  """The Jinja environment chat templates run in (Hugging Face's: sandboxed, immutable)."""
+  import jinja2.ext
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=[jinja2.ext.loopcontrols])
+  env.filters["tojson"] = _tojson
+  env.globals["raise_exception"] = _raise_exception
+  env.globals["strftime_now"] = _strftime_now
+  return env

@@ -9,6 +9,11 @@ import pytest
 
 import llada_jax
 
+# The command-line entry points keep a persistent compilation cache in the user's cache
+# directory by default; tests (and the CLIs they start) run without it unless a test asks for one
+# (see pytest_configure for why).
+os.environ["LLADA_JAX_COMPILATION_CACHE"] = "0"
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FIXTURE_NAMES = ("llada2_tiny", "llada2_tiny_groups")
 

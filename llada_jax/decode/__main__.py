@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
              f"when the weight files total under {CHECK_FINITE_AUTO_BYTES >> 30} GiB)")
   p.add_argument("--debug", action="store_true",
                  help="print the traceback of errors (also: LLADA_JAX_DEBUG=1)")
+  from llada_jax import compile_cache  # noqa: PLC0415
+  compile_cache.add_flag(p)
   return p
 
 
@@ -269,6 +271,8 @@ def run(argv=None) -> int:
   if check_finite:
     _check_finite([f for f in weight_files if os.path.exists(f)])  # the loader names missing ones
 
+  from llada_jax import compile_cache  # noqa: PLC0415
+  compile_cache.enable(args.compilation_cache)
   mesh = _resolve_mesh(mesh_spec, ckpt, len(prompts), max(map(len, prompts)), args)
   t_load = time.perf_counter()
   config, params = llada_jax.load_hf_checkpoint(ckpt, dtype=args.dtype, mesh=mesh)

@@ -40,6 +40,18 @@ def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
   return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
+def _einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`einsum(spec, a, b)` accumulated and returned in float32. On CPU, 16-bit operands are
+  upcast first: XLA:CPU has no batched BF16 x BF16 = F32 dot ("Unsupported element type for
+  DotThunk", e.g. the attention of a batch of 2); the products of 16-bit floats are exact in
+  float32, so the result is the same. Other platforms keep the 16-bit operands."""
+  dot = lambda x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  if a.dtype.itemsize >= 4 and b.dtype.itemsize >= 4:
+    return dot(a, b)
+  up = lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32))
+  return jax.lax.platform_dependent(a, b, cpu=up, default=dot)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Grouped-query attention (XLA path).
 
@@ -52,7 +64,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   b, tq, h, d = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, tq, kv, h // kv, d)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  scores = _einsum_f32("bqkgd,bskd->bkgqs", qg, k)
   scores = scores * (d ** -0.5)
   scores = jnp.where(mask[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
@@ -77,13 +89,12 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
   kv = k.shape[2]
   qg = q.reshape(b, tq, kv, h // kv, d)
   scale = d ** -0.5
-  s_cache = jnp.einsum("bqkgd,bksd->bkgqs", qg, cache_k, preferred_element_type=jnp.float32)
-  s_win = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  s_cache = _einsum_f32("bqkgd,bksd->bkgqs", qg, cache_k)
+  s_win = _einsum_f32("bqkgd,bskd->bkgqs", qg, k)
   s_cache = jnp.where(cache_mask[:, None, None], s_cache * scale, NEG_INF)
   s_win = jnp.where(mask[:, None, None], s_win * scale, NEG_INF)
   probs = jax.nn.softmax(jnp.concatenate([s_cache, s_win], axis=-1), axis=-1).astype(q.dtype)
   n = cache_k.shape[2]
-  out = (jnp.einsum("bkgqs,bksd->bqkgd", probs[..., :n], cache_v,
-                    preferred_element_type=jnp.float32)
-         + jnp.einsum("bkgqs,bskd->bqkgd", probs[..., n:], v, preferred_element_type=jnp.float32))
+  out = (_einsum_f32("bkgqs,bksd->bqkgd", probs[..., :n], cache_v)
+         + _einsum_f32("bkgqs,bskd->bqkgd", probs[..., n:], v))
   return out.astype(q.dtype).reshape(b, tq, h, d)

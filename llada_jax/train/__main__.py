@@ -53,7 +53,10 @@ def _define_flags(fv: flags.FlagValues, argv: list[str]) -> types.SimpleNamespac
           flag_values=fv),
       distributed=flags.DEFINE_enum(
           "distributed", None, ["auto", "off"],
-          "auto: let JAX detect the cluster; off: stay single-process", flag_values=fv))
+          "auto: let JAX detect the cluster; off: stay single-process", flag_values=fv),
+      compilation_cache=flags.DEFINE_bool(
+          "compilation_cache", True, "persistent compilation cache in the user's cache "
+          "directory (LLADA_JAX_COMPILATION_CACHE=0 also turns it off)", flag_values=fv))
 
 
 def _one_line(e: BaseException) -> str:
@@ -143,6 +146,8 @@ def run(argv=None) -> int:
   if cfg is None or not f.workdir.value:
     raise InputError("--config FILE and --workdir DIR are required (see --help)")
   _start_distributed(f)
+  from llada_jax import compile_cache  # noqa: PLC0415
+  compile_cache.enable(None if f.compilation_cache.value else False)
   from llada_jax.train.trainer import (CheckpointWriteError, NonFiniteLoss,  # noqa: PLC0415
                                        Trainer, _has_checkpoint, _is_main)
   if f.export_hf.value:
