@@ -74,14 +74,28 @@ def test_cli_bad_checkpoint(tmp_path, capsys):
   assert "config.json" in capsys.readouterr().err
 
 
-def test_cli_entry_point_subprocess(tiny):
-  """The real module entry point: text output, and exit status 2 on a bad flag."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  ok = subprocess.run([sys.executable, "-m", "llada_jax.decode", "--checkpoint", tiny.dir,
-                       "--prompt-ids", "1,2,3", "--gen-length", "8", "--block-length", "8"],
-                      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+def test_cli_entry_point_subprocess(tiny, tmp_path):
+  """The real module entry point: text output, exit status 2 on a bad flag, and the persistent
+  compilation cache: the first call fills it, a repeat call of the same command finds every
+  program there (no new entry) and prints the same answer."""
+  cache = tmp_path / "cache"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", LLADA_JAX_COMPILATION_CACHE="1",
+             LLADA_JAX_CACHE_DIR=str(cache))
+  argv = [sys.executable, "-m", "llada_jax.decode", "--checkpoint", tiny.dir, "--prompt-ids",
+          "1,2,3", "--gen-length", "8", "--block-length", "8"]
+  ok = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert ok.returncode == 0, ok.stderr
   assert "nfe" in ok.stdout and "tpf" in ok.stdout
+  entries = sorted(os.listdir(cache))
+  assert entries  # the decode program (and the load's small programs) were stored
+  again = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert again.returncode == 0, again.stderr
+  assert sorted(os.listdir(cache)) == entries  # every program came from the cache
+  assert again.stdout.splitlines()[0] == ok.stdout.splitlines()[0]
+  off = subprocess.run(argv + ["--no-compilation-cache"], capture_output=True, text=True,
+                       env=dict(env, LLADA_JAX_CACHE_DIR=str(tmp_path / "unused")), cwd=ROOT,
+                       timeout=300)
+  assert off.returncode == 0 and not os.path.exists(tmp_path / "unused")
   bad = subprocess.run([sys.executable, "-m", "llada_jax.decode", "--checkpoint", tiny.dir,
                         "--mode", "warp", "--prompt-ids", "1"], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=300)

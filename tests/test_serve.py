@@ -271,3 +271,47 @@ def test_serve_command_drains_on_sigterm(tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def _chromium():
+  """Headless Debian chromium driven by selenium (chromedriver from the same package)."""
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  options = webdriver.ChromeOptions()
+  for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    options.add_argument(arg)
+  options.binary_location = "/usr/bin/chromium"
+  return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def test_playground_in_a_browser(server, llm):
+  """The page at /: type a prompt, pick Speedy, press Generate; the canvas fills in (masks
+  first, then tokens), and the text and the statistics appear: the text is `llm.generate`'s."""
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import Select, WebDriverWait
+  url, _ = server
+  browser = _chromium()
+  try:
+    browser.get(url + "/")
+    assert browser.title == "llada_jax playground"
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys("class Stack:")
+    Select(browser.find_element(By.ID, "mode")).select_by_visible_text("speedy")
+    tokens = browser.find_element(By.ID, "max_tokens")
+    tokens.clear()
+    tokens.send_keys("64")
+    browser.find_element(By.ID, "go").click()
+    seen_masks = WebDriverWait(browser, 60, poll_frequency=0.02).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "#canvas .mask") or None)
+    assert seen_masks  # a step of the canvas with masks left was drawn
+    stats = WebDriverWait(browser, 120).until(
+        lambda b: (t := b.find_element(By.ID, "stats").text).startswith("NFE") and t)
+    ref = llm.generate("class Stack:", mode="speedy", gen_length=64)[0]
+    assert f"NFE {ref.nfe} | TPF {ref.tpf:.2f}" in stats and "tokens/s" in stats
+    canvas = browser.find_element(By.ID, "canvas")
+    assert canvas.get_attribute("data-text") == ref.text
+    assert not canvas.find_elements(By.CSS_SELECTOR, ".mask")  # the final canvas: no mask
+    assert browser.find_element(By.ID, "error").text == ""
+  finally:
+    browser.quit()

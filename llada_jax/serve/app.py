@@ -10,7 +10,9 @@ or a list of token ids) or `messages`, `max_tokens` / `max_completion_tokens`, `
 `temperature`, `top_p`, `n` (1 only), `stop` (not supported), `user` (ignored); and ours:
 `mode` ("quality" / "speedy"), `threshold`, `editing_threshold`, `max_post_steps`,
 `num_to_transfer`, `steps`, `eos_early_stop`, `max_iterations`, and `block_length`, `mbe_window`,
-`algorithm`, `top_k` (accepted when they equal the server's). A bad request gets an OpenAI-style
+`algorithm`, `top_k` (accepted when they equal the server's), and `trace` (with `stream`: extra
+events `{"llada_canvas": {"tokens": [...], "mask": [...]}}` with the row's whole generation
+region after each report, masks included: what the playground draws). A bad request gets an OpenAI-style
 error object (`{"error": {"message", "type", "param", "code"}}`) with status 400 (or 404 for an
 unknown model, 503 while shutting down), before anything is queued; a prompt that does not fit
 the server's max length is refused (`code: "context_length_exceeded"`), never truncated.
@@ -35,7 +37,7 @@ from llada_jax.decode.settings import MODES, DecodeSettings
 from llada_jax.errors import InputError, one_line
 from llada_jax.serve.engine import STATIC_FIELDS, Engine, Request, RowResult
 
-OURS = ("mode", "threshold", "editing_threshold", "max_post_steps", "num_to_transfer", "steps",
+OURS = ("trace", "mode", "threshold", "editing_threshold", "max_post_steps", "num_to_transfer", "steps",
         "eos_early_stop", "max_iterations", "block_length", "mbe_window", "algorithm", "top_k")
 OPENAI = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "stream",
           "stream_options", "seed", "temperature", "top_p", "n", "stop", "user",
@@ -47,6 +49,11 @@ UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": 
                "tools": (None, []), "frequency_penalty": (None, 0, 0.0),
                "presence_penalty": (None, 0, 0.0), "stop": (None, [], "")}
 FINISH = {"eos": "stop", "length": "length", "budget": "length", "cancelled": "cancelled"}
+
+
+class _Canvas:
+  def __init__(self, ids):
+    self.ids = ids
 
 
 class BadRequest(Exception):
@@ -98,7 +105,7 @@ class Server:
     if mode not in MODES:
       raise BadRequest(f"unknown mode {mode!r}; choose from {', '.join(MODES)}", param="mode")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    over = {k: body[k] for k in OURS if k != "mode" and k in body}
+    over = {k: body[k] for k in OURS if k not in ("mode", "trace") and k in body}
     over["gen_length"] = self.default_max_tokens if max_tokens is None else max_tokens
     for name in ("temperature", "top_p", "seed"):
       if body.get(name) is not None:
@@ -155,9 +162,13 @@ class Server:
       return error_response(e)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    trace = bool(body.get("trace")) and bool(body.get("stream"))
     req = Request(prompt_ids=ids, settings=settings,
                   on_tokens=lambda new: loop.call_soon_threadsafe(queue.put_nowait, new),
-                  on_done=lambda res: loop.call_soon_threadsafe(queue.put_nowait, res))
+                  on_done=lambda res: loop.call_soon_threadsafe(queue.put_nowait, res),
+                  on_canvas=(lambda ids: loop.call_soon_threadsafe(queue.put_nowait,
+                                                                   _Canvas(ids)))
+                  if trace else None)
     try:
       self.engine.submit(req)
     except InputError as e:
@@ -238,7 +249,12 @@ class Server:
           if await http.is_disconnected():
             return
           continue
+        if isinstance(item, _Canvas):
+          yield self._canvas_event(rid, obj, created, item.ids, req.settings.mask_id)
+          continue
         if isinstance(item, RowResult):
+          if item.finish != "cancelled" and req.on_canvas is not None:
+            yield self._canvas_event(rid, obj, created, item.output_ids, req.settings.mask_id)
           text = self._text(item.output_ids)
           if len(text) > len(sent_text):
             yield event(text[len(sent_text):])
@@ -259,6 +275,13 @@ class Server:
     finally:
       if not finished:
         req.cancel()  # the client went away: free the slot at the engine's next report
+
+  def _canvas_event(self, rid, obj, created, ids, mask_id) -> str:
+    """The row's generation region as text pieces (None for a mask)."""
+    tokens = [None if t == mask_id else self.llm.decode([t]) for t in ids]
+    return "data: " + json.dumps({"id": rid, "object": obj, "created": created,
+                                  "model": self.model_id, "choices": [],
+                                  "llada_canvas": {"tokens": tokens}}) + "\n\n"
 
   async def models(self, request: HTTPRequest):
     return JSONResponse({"object": "list", "data": [{

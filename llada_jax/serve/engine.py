@@ -80,6 +80,9 @@ class Request:
   settings: DecodeSettings  # gen_length = max tokens
   on_tokens: Callable[[list[int]], None] | None = None
   on_done: Callable[[RowResult], None] | None = None
+  # on_canvas(ids) after every report while the row decodes: its generation region, mask ids
+  # included (the playground draws it)
+  on_canvas: Callable[[list[int]], None] | None = None
   id: int = dataclasses.field(default_factory=itertools.count().__next__)
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
   submitted: float = dataclasses.field(default_factory=time.monotonic)
@@ -353,6 +356,8 @@ class Engine:
         self._rows[slot] = None
         continue
       committed = (int(block[slot]) - (s.mbe_window - 1)) * s.block_length - p
+      if r.on_canvas is not None:
+        r.on_canvas(canvas[slot, pad + p: pad + p + g].tolist())
       self._emit(r, out[:max(committed, 0)])
     if release.any():
       with parallel.mesh_context(self.mesh):
