@@ -27,6 +27,7 @@ class Tokenizer:
     # bos_token, eos_token, pad_token, unk_token, ... as the template sees them
     self.special_tokens = dict(special_tokens or {})
     self._compiled = None  # (template text, compiled jinja2 template)
+    self.named_templates: dict[str, str] = {}  # a list of named templates: name -> text
 
   @classmethod
   def from_dir(cls, path: str) -> "Tokenizer":
@@ -36,28 +37,33 @@ class Tokenizer:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):
       raise FileNotFoundError(f"no tokenizer.json in {path}")
-    template, source, special = None, None, {}
+    template, source, special, named = None, None, {}, {}
     cfg = os.path.join(path, "tokenizer_config.json")
+    legacy = os.path.join(path, "special_tokens_map.json")
+    if os.path.exists(legacy):  # older checkpoints keep the special tokens here
+      special = _special_tokens_of(_read_json(legacy), legacy)
     if os.path.exists(cfg):
       parsed = _read_json(cfg)
-      template = _chat_template_of(parsed, cfg)
+      template, named = _chat_template_of(parsed, cfg)
       source = cfg
-      special = _special_tokens_of(parsed)
+      special.update(_special_tokens_of(parsed, cfg))
     jinja = os.path.join(path, "chat_template.jinja")
-    if template is None and os.path.exists(jinja):
+    if os.path.exists(jinja):  # the separate file wins, as in transformers
       try:
         with open(jinja, encoding="utf-8") as f:
           template = f.read()
       except UnicodeDecodeError as e:
         raise InputError(f"{jinja} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-      source = jinja
+      source, named = jinja, {}
     with open(file, "rb"):  # a missing permission is an OSError naming the file
       pass
     try:
       tok = HFTokenizer.from_file(file)
     except Exception as e:  # noqa: BLE001 (the Rust library raises plain Exception)
       raise InputError(f"{file} is not a valid tokenizer.json ({one_line(e)[:300]})") from None
-    return cls(tok, template, source, special)
+    out = cls(tok, template, source, special)
+    out.named_templates = named
+    return out
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -94,7 +100,13 @@ class Tokenizer:
     if isinstance(messages, str):
       messages = [{"role": "user", "content": messages}]
     _check_messages(messages)
-    template = self.check_chat_template()
+    messages = [_normalise_message(m) for m in messages]
+    kwargs.setdefault("tools", None)
+    kwargs.setdefault("documents", None)
+    if kwargs["tools"] is not None and "tool_use" in self.named_templates:
+      template = chat_environment().from_string(self.named_templates["tool_use"])
+    else:
+      template = self.check_chat_template()
     try:
       return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                              **{**self.special_tokens, **kwargs})
@@ -117,18 +129,20 @@ def _read_json(file: str):
     raise InputError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _chat_template_of(cfg, file: str) -> str | None:
-  """The `chat_template` of a parsed `tokenizer_config.json`: a string, or Hugging Face's list
-  of named templates (the one named "default")."""
+def _chat_template_of(cfg, file: str) -> tuple[str | None, dict[str, str]]:
+  """The `chat_template` of a parsed `tokenizer_config.json` and its named templates: a string,
+  or Hugging Face's list of named templates (the one named "default" is the template)."""
   if not isinstance(cfg, dict):
     raise InputError(f"{file} must hold a JSON object, got {describe_value(cfg)[:80]}")
   t = cfg.get("chat_template")
+  named = {}
   if isinstance(t, list) and all(isinstance(x, dict) for x in t):
-    t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    named = {x.get("name"): x.get("template") for x in t if isinstance(x.get("template"), str)}
+    t = named.get("default")
   if t is not None and not isinstance(t, str):
     raise InputError(f"{file}: chat_template must be a string (a Jinja template) or a list of "
                      f"named templates with a 'default' one, got {describe_value(t)[:80]}")
-  return t
+  return t, named
 
 
 def _raise_exception(message):
@@ -136,18 +150,32 @@ def _raise_exception(message):
   raise jinja2.TemplateError(message)
 
 
-def _special_tokens_of(cfg: dict) -> dict[str, str]:
-  """`bos_token`, `eos_token`, `unk_token`, `pad_token`, ... of a `tokenizer_config.json`
-  (strings, or Hugging Face's {"content": ...} objects); absent ones are left out."""
+def _special_tokens_of(cfg, file: str = "tokenizer config") -> dict[str, str]:
+  """Every `*_token` entry of a parsed `tokenizer_config.json` / `special_tokens_map.json`
+  (`bos_token`, `eos_token`, model-specific ones such as `eot_token`): strings, or Hugging
+  Face's {"content": ...} objects; others are left out."""
+  if not isinstance(cfg, dict):
+    raise InputError(f"{file} must hold a JSON object, got {describe_value(cfg)[:80]}")
   out = {}
-  for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-               "mask_token"):
-    v = cfg.get(name)
+  for name, v in cfg.items():
+    if not name.endswith("_token"):
+      continue
     if isinstance(v, dict):
       v = v.get("content")
     if isinstance(v, str):
       out[name] = v
   return out
+
+
+def _normalise_message(m: dict) -> dict:
+  """As transformers: keys holding None are dropped (OpenAI replies carry `tool_calls: None`),
+  and a `reasoning` / `thinking` text is also `reasoning_content` (and `thinking`)."""
+  m = {k: v for k, v in m.items() if v is not None}
+  thought = next((m[k] for k in ("reasoning_content", "reasoning", "thinking") if k in m), None)
+  if thought is not None:
+    m.setdefault("reasoning_content", thought)
+    m.setdefault("thinking", thought)
+  return m
 
 
 def _check_messages(messages) -> None:
