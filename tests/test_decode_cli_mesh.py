@@ -30,13 +30,21 @@ def _run(mesh: str, attention_impl: str, extra: tuple = ()) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, attention_impl, extra, shape", [
     ("data=2,expert=4", "pallas", (), dict(data=2, fsdp=1, expert=4, tensor=1)),
-    ("auto", "xla", (), dict(data=1, fsdp=1, expert=8, tensor=1)),
+    # ... and the serving engine (continuous batching) on the same mesh
+    ("auto", "xla", ("--engine",), dict(data=1, fsdp=1, expert=8, tensor=1)),
     # the fused sampler with the vocabulary (LM head) sharded over `tensor`
     ("fsdp=2,expert=2,tensor=2", "xla", ("--sampler-impl", "fused"),
      dict(data=1, fsdp=2, expert=2, tensor=2)),
 ])
 def test_cli_on_a_mesh_reproduces_every_fixture_run(mesh, attention_impl, extra, shape):
   res = _run(mesh, attention_impl, extra)
-  assert len(res) == sum(len(golden(n).runs()) for n in FIXTURE_NAMES)
+  engine = {k: v for k, v in res.items() if k.startswith("engine|")}
+  res = {k: v for k, v in res.items() if not k.startswith("engine|")}
+  runs = sum(len(golden(n).runs()) for n in FIXTURE_NAMES)
+  assert len(res) == runs
   for case, r in res.items():
     assert r == dict(rc=0, tokens=True, nfe=True, mesh=shape), (case, r)
+  if "--engine" in extra:
+    assert len(engine) == runs
+    for case, r in engine.items():
+      assert r["tokens"] and r["nfe"], (case, r)

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server (`llada_jax.serve`) on the embedded model, in-process (uvicorn in
-a thread) and, once, as the `python -m llada_jax.serve` command: continuous batching gives each
+"""The OpenAI-compatible server (`python -m llada_jax.serve`) on the embedded model, in its own
+process: continuous batching gives each
 request `llm.generate`'s answer, a short request overtakes a long one, bad requests get 4xx
 JSON errors, a disconnecting client frees its slot, the `openai` client works unchanged, and
 SIGTERM lets in-flight requests finish."""
@@ -16,10 +16,8 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
 import llada_jax
-from llada_jax.serve.app import Server, build_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, x):",
@@ -44,27 +42,40 @@ def llm():
   return llada_jax.LLM(dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def server(llm):
-  """(base url, Server): 4 slots, rows of 256 positions, reports every 4 iterations."""
-  engine = llm.engine(slots=4, max_length=256, chunk=4)
-  srv = Server(llm, engine, model_id="llada-default", default_max_tokens=32)
+def _start_server(*flags):
+  """`python -m llada_jax.serve FLAGS` on a free port; returns (process, base url) once
+  /health answers."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   port = _free_port()
-  config = uvicorn.Config(build_app(srv, drain_seconds=5), host="127.0.0.1", port=port,
-                          log_level="warning")
-  userver = uvicorn.Server(config)
-  thread = threading.Thread(target=userver.run, daemon=True)
-  thread.start()
+  proc = subprocess.Popen([sys.executable, "-m", "llada_jax.serve", "--port", str(port), *flags],
+                          env=env, stderr=subprocess.PIPE, text=True)
   url = f"http://127.0.0.1:{port}"
-  for _ in range(300):
+  for _ in range(1200):
     try:
       if httpx.get(url + "/health").status_code == 200:
-        break
+        return proc, url
     except httpx.TransportError:
-      time.sleep(0.05)
-  yield url, srv
-  userver.should_exit = True
-  thread.join(timeout=30)
+      assert proc.poll() is None, proc.stderr.read()
+      time.sleep(0.1)
+  proc.kill()
+  raise AssertionError("the server did not start")
+
+
+@pytest.fixture(scope="module")
+def server():
+  """The server command in its own process (uvicorn, its event loop and the engine's thread stay
+  out of the test process): float32, 4 slots, rows of 256 positions, reports every 4
+  iterations, 32 tokens by default."""
+  proc, url = _start_server("--dtype", "float32", "--slots", "4", "--max-length", "256",
+                            "--chunk", "4", "--max-tokens", "32", "--model-name",
+                            "llada-default")
+  yield url
+  proc.terminate()
+  proc.wait(timeout=60)
+
+
+def _stats(url) -> dict:
+  return httpx.get(url + "/health").json()
 
 
 def _sse(lines) -> list[dict]:
@@ -98,7 +109,7 @@ def _stream_chat(url, messages, max_tokens, mode="quality"):
 def test_concurrent_requests_equal_generate(server, llm):
   """16 requests at once on 4 slots (completions and streamed chat, 32 or 64 tokens, quality
   and speedy): each answer is `llm.generate` of the same prompt and settings."""
-  url, srv = server
+  url = server
   jobs = []
   for i in range(16):
     max_tokens = (32, 64)[i % 2]
@@ -106,7 +117,7 @@ def test_concurrent_requests_equal_generate(server, llm):
       jobs.append(("chat", CHATS[i // 4 % 2], max_tokens, ("quality", "speedy")[i // 8]))
     else:
       jobs.append(("completion", PROMPTS[i % len(PROMPTS)], max_tokens, "quality"))
-  before = dict(srv.engine.stats)
+  before = _stats(url)
 
   def run(job):
     kind, prompt, max_tokens, mode = job
@@ -132,14 +143,14 @@ def test_concurrent_requests_equal_generate(server, llm):
       assert answer["usage"]["prompt_tokens"] == len(ref.prompt_token_ids)
       stats = answer["llada"]
     assert stats["nfe"] == ref.nfe and stats["edits"] == ref.edits, job
-  after = srv.engine.stats
+  after = _stats(url)
   assert after["finished"] - before.get("finished", 0) == 16
   # continuous batching: more requests ran than there are slots, with no batch barrier
   assert after["admitted"] - before.get("admitted", 0) == 16
 
 
 def test_short_request_overtakes_long_one(server):
-  url, _ = server
+  url = server
   done = {}
 
   def run(name, max_tokens):
@@ -170,7 +181,7 @@ def test_short_request_overtakes_long_one(server):
     ({"prompt": "x", "mode": "fast"}, 400, "mode", "unknown mode"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param, words):
-  url, _ = server
+  url = server
   content = body if isinstance(body, str) else json.dumps(body)
   r = httpx.post(url + "/v1/completions", content=content, timeout=60,
                  headers={"content-type": "application/json"})
@@ -182,7 +193,7 @@ def test_bad_requests_get_openai_errors(server, body, status, param, words):
 
 
 def test_bad_routes_and_chat_messages(server):
-  url, _ = server
+  url = server
   r = httpx.get(url + "/v1/nope")
   assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
   r = httpx.get(url + "/v1/completions")
@@ -196,8 +207,8 @@ def test_bad_routes_and_chat_messages(server):
 def test_disconnect_mid_stream_frees_the_slot(server, llm):
   """A client that reads one event and leaves: its row is cancelled at the next report, and a
   request running beside it is not disturbed."""
-  url, srv = server
-  before = srv.engine.stats["cancelled"]
+  url = server
+  before = _stats(url).get("cancelled", 0)
   other = concurrent.futures.ThreadPoolExecutor(1).submit(_complete, url, PROMPTS[0], 64)
   with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
       "prompt": PROMPTS[1], "max_tokens": 192, "stream": True}) as r:
@@ -206,11 +217,11 @@ def test_disconnect_mid_stream_frees_the_slot(server, llm):
         break  # leave after the first event
   assert other.result()["choices"][0]["text"] == llm.generate(PROMPTS[0], gen_length=64)[0].text
   for _ in range(200):
-    health = httpx.get(url + "/health").json()
-    if srv.engine.stats["cancelled"] > before and health["busy_slots"] == 0:
+    health = _stats(url)
+    if health.get("cancelled", 0) > before and health["busy_slots"] == 0:
       break
     time.sleep(0.05)
-  assert srv.engine.stats["cancelled"] == before + 1
+  assert health.get("cancelled", 0) == before + 1
   assert health["busy_slots"] == 0 and health["queued"] == 0
 
 
@@ -218,7 +229,7 @@ def test_openai_client(server, llm):
   """The official client, unchanged: completions, chat, streamed chat (our settings through
   `extra_body`)."""
   import openai
-  url, _ = server
+  url = server
   client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
   out = client.completions.create(model="llada-default", prompt=PROMPTS[0], max_tokens=32)
   assert out.choices[0].text == llm.generate(PROMPTS[0], gen_length=32)[0].text
@@ -244,19 +255,9 @@ def test_serve_command_drains_on_sigterm(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "llada_jax.serve", "--slots", "0"], env=env,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip() == "error: --slots must be >= 1, got 0"
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "llada_jax.serve", "--port", str(port),
-                           "--slots", "2", "--max-length", "256", "--max-tokens", "96",
-                           "--chunk", "2"], env=env, stderr=subprocess.PIPE, text=True)
+  proc, url = _start_server("--slots", "2", "--max-length", "256", "--max-tokens", "96",
+                            "--chunk", "2")
   try:
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-      try:
-        if httpx.get(url + "/health").status_code == 200:
-          break
-      except httpx.TransportError:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.1)
     with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
         "prompt": "def fibonacci(n):", "stream": True}) as r:
       lines = r.iter_lines()
@@ -289,7 +290,7 @@ def test_playground_in_a_browser(server, llm):
   first, then tokens), and the text and the statistics appear: the text is `llm.generate`'s."""
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support.ui import Select, WebDriverWait
-  url, _ = server
+  url = server
   browser = _chromium()
   try:
     browser.get(url + "/")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -68,7 +68,7 @@ class Knobs:
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
-  eos_id: jax.Array
+  eos_id: jax.Array  # a scalar, or `[B, 1]` per row (compared with `[B, T]` token arrays)
   mask_id: jax.Array
   eos_early_stop: jax.Array
   max_iterations: jax.Array  # 0: the default budget
@@ -293,7 +293,8 @@ def init_carry(params, c: ModelConfig, canvas0: jax.Array, prompt_len: jax.Array
 def loop_body(c: ModelConfig, knobs: Knobs, spec: StaticSpec, batch: int, t: int):
   """One iteration of the decode loop for `batch` rows of canvas length `t`, as a function
   `Carry -> Carry` (see the module doc). The knobs may be scalars or, except the sampler's
-  temperature / top_k / top_p and the ids, `[B]` per row (a server's rows in different modes)."""
+  temperature / top_k / top_p and the mask id, per row: `[B]`, the EOS id `[B, 1]` (a server's
+  rows in different modes)."""
   bl, w = spec.block_length, spec.mbe_window
   win = w * bl
   pad = (w - 1) * bl

@@ -15,7 +15,7 @@ A short request admitted while a long one decodes therefore finishes first. Canc
 (e.g. a client that disconnected) leave at the next report.
 
 Per request: the prompt, `max_tokens` (the row's generation length), the seed, and the per-row
-knobs of the mode (`ROW_KNOBS`: thresholds, post-steps, fill count, steps, early stop). The
+knobs (`ROW_KNOBS`: the mode's thresholds, post-steps, fill count, steps, early stop, EOS id). The
 engine's `DecodeSettings` fix the rest for every row (`STATIC_FIELDS`: algorithm, block length,
 editing window, sampling temperature / top-k / top-p and the special ids); a request that asks
 for another value of one of them is refused with one line naming it.
@@ -49,9 +49,9 @@ from llada_jax.model import kv_cache
 from llada_jax.model.transformer import resolve_attention
 
 ROW_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "num_to_transfer", "steps",
-             "eos_early_stop")
+             "eos_early_stop", "eos_id")
 STATIC_FIELDS = ("algorithm", "block_length", "mbe_window", "temperature", "top_k", "top_p",
-                 "eos_id", "mask_id")
+                 "mask_id")
 
 
 @dataclasses.dataclass
@@ -325,7 +325,7 @@ class Engine:
         threshold=jnp.asarray(k["threshold"]), editing_threshold=jnp.asarray(
             k["editing_threshold"]), max_post_steps=jnp.asarray(k["max_post_steps"]),
         num_to_transfer=jnp.asarray(k["num_to_transfer"]), steps=jnp.asarray(k["steps"]),
-        eos_early_stop=jnp.asarray(k["eos_early_stop"]))
+        eos_early_stop=jnp.asarray(k["eos_early_stop"]), eos_id=jnp.asarray(k["eos_id"])[:, None])
     with parallel.mesh_context(self.mesh):
       self._carry, iters = _advance(self.params, self._carry, knobs, self.config, self.spec,
                                     self.chunk)

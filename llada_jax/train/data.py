@@ -85,10 +85,13 @@ class ByteTokenizer:
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
-  def apply_chat_template(self, user_text: str) -> str:
+  def apply_chat_template(self, messages) -> str:
+    """One user turn (a string) or a list of chat messages, with the assistant prompt."""
     if self.chat_template is None:
       raise ValueError("this tokenizer has no chat template")
-    return _render_template(self.chat_template, [{"role": "user", "content": user_text}])
+    if isinstance(messages, str):
+      messages = [{"role": "user", "content": messages}]
+    return _render_template(self.chat_template, messages)
 
 
 class TokenizerAdapter:
@@ -397,12 +400,12 @@ def _pretrain_text(rec: Mapping[str, Any]) -> str:
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
   """The prompt text before the answer: the chat template with the generation prompt when the
-  tokenizer has one (`apply_chat_template` for one user turn), else the raw contents."""
+  tokenizer has one (its `apply_chat_template`, as Hugging Face renders it), else the raw
+  contents."""
   template = getattr(tokenizer, "chat_template", None)
   if template:
-    if (len(messages) == 1 and messages[0]["role"] == "user"
-        and callable(getattr(tokenizer, "apply_chat_template", None))):
-      return tokenizer.apply_chat_template(messages[0]["content"])
+    if callable(getattr(tokenizer, "apply_chat_template", None)):
+      return tokenizer.apply_chat_template([dict(m) for m in messages])
     return _render_template(template, messages)
   return "\n".join(m["content"] for m in messages)
 

@@ -187,8 +187,11 @@ def validate(cfg) -> None:
     raise ConfigError("data.source (a corpus) or data.task (a toy task) is required")
   if cfg.data.source and not os.path.exists(cfg.data.source):
     raise ConfigError(f"data.source {cfg.data.source} does not exist")
-  if cfg.stage in ("dpo", "ebpo") and not cfg.data.task:
-    raise ConfigError(f"stage {cfg.stage} needs data.task (one of {sorted(toy_tasks.TASKS)})")
+  if cfg.stage == "dpo" and not (cfg.data.task or cfg.data.source):
+    raise ConfigError("stage dpo needs data.source (preference pairs: JSONL with prompt, "
+                      f"chosen, rejected) or data.task (one of {sorted(toy_tasks.TASKS)})")
+  if cfg.stage == "ebpo" and not cfg.data.task:
+    raise ConfigError(f"stage ebpo needs data.task (one of {sorted(toy_tasks.TASKS)})")
   if cfg.data.task:
     try:
       toy_tasks.get_task(cfg.data.task)
@@ -332,6 +335,9 @@ def make_source(cfg, tokenizer, block_length: int, layout: sharding.DataLayout |
   if d.task:
     return TaskSource(d.task, tokenizer, d.seq_len, d.batch_size, cfg.seed, block_length,
                       eos_padding=d.get("eos_padding", "none"))
+  if cfg.stage == "dpo":  # preference pairs (JSONL); every process draws the global batch
+    from llada_jax.train.preferences import PairSource  # noqa: PLC0415
+    return PairSource(d.source, tokenizer, d.seq_len, d.batch_size, cfg.seed)
   from llada_jax.train import data as data_lib
   layout = layout or sharding.DataLayout(d.batch_size, 1, (0,))
   path = data_lib.build_dataset(
@@ -374,9 +380,15 @@ def _shared_dataset_path(cfg, path):
   return sharding.allgather_json(path)[0]
 
 
+def _global_source(source) -> bool:
+  """Sources every process draws whole (toy tasks, preference pairs): their state is global."""
+  from llada_jax.train.preferences import PairSource  # noqa: PLC0415
+  return isinstance(source, (TaskSource, PairSource))
+
+
 def source_state(source) -> dict:
   """The data state of the whole run (every process's shards), the same on every process."""
-  if isinstance(source, TaskSource):
+  if _global_source(source):
     return source.get_state()
   merged = {}
   for shards in sharding.allgather_json(source.get_state()):
@@ -385,7 +397,7 @@ def source_state(source) -> dict:
 
 
 def restore_source(source, state: dict) -> None:
-  if isinstance(source, TaskSource):
+  if _global_source(source):
     source.set_state(state)
   elif "grain" in state:  # a checkpoint from before data shards: one shard
     source.set_state({"0": state["grain"]})

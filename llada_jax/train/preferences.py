@@ -1,0 +1,129 @@
+"""Preference pairs for ELBO-DPO from JSONL files: `{"prompt", "chosen", "rejected"}` records.
+
+Formats (one JSON object per line; the common conventions of preference datasets):
+  * plain text: `"prompt"`, `"chosen"`, `"rejected"` strings; the prompt is tokenised as it is;
+  * conversational: `"prompt"` a list of chat messages (rendered with the tokenizer's chat
+    template and the assistant prompt; their contents joined by newlines without a template), `"chosen"` / `"rejected"` strings or lists of assistant
+    messages (their contents joined);
+  * implicit prompt: no `"prompt"`; `"chosen"` and `"rejected"` whole conversations sharing
+    every message but the last, which is the answer.
+Each answer gets the EOS id appended. A bad record is one `InputError` naming the file, the line
+and the field, raised when the file is read (before training starts).
+
+`PairSource` draws batch i as elements [i*B, (i+1)*B) of a grain `MapDataset` over the records,
+shuffled with the run's seed and repeated epoch after epoch (each epoch reshuffled): batch i
+depends only on (seed, i), so the state is the batch index and resuming is exact. Every process
+draws the whole global batch (as toy tasks do); the trainer keeps its rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from llada_jax.errors import InputError
+
+
+def _text_of(x, where: str, field: str) -> str:
+  if isinstance(x, str):
+    return x
+  if isinstance(x, list) and x and all(isinstance(m, dict) for m in x):
+    parts = [m.get("content") for m in x if m.get("role", "assistant") == "assistant"]
+    if parts and all(isinstance(p, str) for p in parts):
+      return "".join(parts)
+  raise InputError(f"{where}: {field} must be a string or a list of assistant messages "
+                   "({'role': 'assistant', 'content': ...})")
+
+
+def _is_messages(x) -> bool:
+  return (isinstance(x, list) and bool(x)
+          and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in x))
+
+
+def parse_record(obj: Any, where: str) -> tuple[Any, str, str]:
+  """(prompt: a string or a list of messages, chosen text, rejected text) of one record."""
+  if not isinstance(obj, dict):
+    raise InputError(f"{where}: a preference record must be a JSON object with prompt, chosen "
+                     "and rejected")
+  for field in ("chosen", "rejected"):
+    if field not in obj:
+      raise InputError(f"{where}: missing field {field!r} (a preference record needs prompt, "
+                       "chosen and rejected)")
+  prompt = obj.get("prompt")
+  chosen, rejected = obj["chosen"], obj["rejected"]
+  if prompt is None:  # implicit prompt: the conversations' shared messages
+    if not (_is_messages(chosen) and _is_messages(rejected)):
+      raise InputError(f"{where}: without a prompt, chosen and rejected must be whole "
+                       "conversations (lists of messages)")
+    if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+      raise InputError(f"{where}: chosen and rejected must share every message but the last "
+                       "(the answer)")
+    return chosen[:-1], _text_of(chosen[-1:], where, "chosen"), _text_of(rejected[-1:], where,
+                                                                         "rejected")
+  if not (isinstance(prompt, str) or _is_messages(prompt)):
+    raise InputError(f"{where}: prompt must be a string or a list of chat messages")
+  if isinstance(prompt, str) and not prompt:
+    raise InputError(f"{where}: empty prompt")
+  return prompt, _text_of(chosen, where, "chosen"), _text_of(rejected, where, "rejected")
+
+
+def read_pairs(path: str) -> list[tuple[Any, str, str]]:
+  """Every record of a JSONL file (or of every `*.jsonl` file of a directory, in name order)."""
+  files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".jsonl")]
+           if os.path.isdir(path) else [path])
+  if not files:
+    raise InputError(f"no .jsonl files in {path}")
+  out = []
+  for file in files:
+    with open(file, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        where = f"{file}:{n}"
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        out.append(parse_record(obj, where))
+  if not out:
+    raise InputError(f"{path} holds no preference records")
+  return out
+
+
+class PairSource:
+  """(chosen, rejected) batches of `batch_size` pairs (see the module doc)."""
+
+  def __init__(self, path: str, tokenizer, seq_len: int, batch_size: int, seed: int):
+    import grain  # noqa: PLC0415
+    self.tok, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
+    records = read_pairs(path)
+    self.size = len(records)
+    self.dataset = grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+    self.index = 0
+
+  def _prompt_ids(self, prompt) -> list[int]:
+    """Text as it is; messages through the chat template (raw contents without one), as SFT
+    prompts are rendered (`llada_jax.train.data.render_prompt`)."""
+    from llada_jax.train.data import render_prompt  # noqa: PLC0415
+    return self.tok.encode(prompt if isinstance(prompt, str) else render_prompt(self.tok, prompt))
+
+  def _rows(self, prompts: Sequence[list[int]], answers: Sequence[str]) -> dict:
+    from llada_jax.train.ebpo import build_batch  # noqa: PLC0415
+    ids = [self.tok.encode(a) + [self.tok.eos_id] for a in answers]
+    return build_batch(prompts, ids, self.seq_len, self.tok.pad_id)
+
+  def next_pair(self) -> tuple[dict, dict]:
+    lo = self.index * self.batch_size
+    recs = [self.dataset[lo + k] for k in range(self.batch_size)]
+    self.index += 1
+    prompts = [self._prompt_ids(p) for p, _, _ in recs]
+    return (self._rows(prompts, [c for _, c, _ in recs]),
+            self._rows(prompts, [r for _, _, r in recs]))
+
+  def get_state(self) -> dict:
+    return {"index": self.index}
+
+  def set_state(self, state: dict) -> None:
+    self.index = int(state["index"])
+
