@@ -446,7 +446,7 @@ def test_ctrl_c_mid_decode_exits_at_once(tmp_path):
     (dict(steps=0), "steps must be a positive integer"),
     (dict(max_post_steps=-1), "max_post_steps must be a non-negative integer"),
     (dict(mbe_window=0), "mbe_window must be a positive integer"),
-    (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(seed=1.5), "seed must be a 64-bit integer, got 1.5"),
     (dict(eos_early_stop="no"), "eos_early_stop must be true or false, got 'no' (a string)"),
     (dict(mask_id=-7), "mask_id must be a token id (or -1: from the model config)"),
     (dict(algorithm="llada3"), "algorithm 'llada3'"),

@@ -63,7 +63,8 @@ def test_pair_batches_are_resumable_and_cover_every_record(tmp_path):
   a = PairSource(path, TOK, seq_len=48, batch_size=5, seed=3)
   batches = [a.next_pair() for _ in range(4)]  # two epochs of 10 records
   b = PairSource(path, TOK, seq_len=48, batch_size=5, seed=3)
-  b.set_state(json.loads(json.dumps({"index": 2})))
+  state = dict(a.get_state(), index=2)
+  b.set_state(json.loads(json.dumps(state)))
   for (c1, r1), (c2, r2) in zip(batches[2:], [b.next_pair() for _ in range(2)]):
     for k in c1:
       np.testing.assert_array_equal(c1[k], c2[k])
@@ -80,6 +81,19 @@ def test_pair_batches_are_resumable_and_cover_every_record(tmp_path):
   prompt_text = TOK.decode(chosen["tokens"][0][~chosen["loss_mask"][0]
                                                & (chosen["segment_ids"][0] >= 0)])
   assert "+1=" in prompt_text
+
+
+def test_long_pairs_are_left_out_and_resume_checks_the_data(tmp_path, capsys):
+  path = _pairs(tmp_path)
+  with open(path, "a") as f:
+    f.write(json.dumps({"prompt": "x" * 100, "chosen": "a", "rejected": "b"}) + "\n")
+  src = PairSource(path, TOK, seq_len=48, batch_size=5, seed=3)
+  assert src.size == 10
+  assert "1 of 11 preference pairs" in capsys.readouterr().out
+  with pytest.raises(InputError, match="batch_size=4, this run has 5"):
+    src.set_state(dict(src.get_state(), batch_size=4))
+  with pytest.raises(InputError, match="fits data.seq_len=4"):
+    PairSource(path, TOK, seq_len=4, batch_size=5, seed=3)
 
 
 def test_dpo_config_needs_pairs_or_a_task(tmp_path):

@@ -20,6 +20,8 @@ import pytest
 import llada_jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One pytest-xdist worker runs this module (`--dist loadgroup`): one server start, not two.
+pytestmark = pytest.mark.xdist_group("serve")
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, x):",
            "for i in range(10):", "def add(a, b):\n    return", "x = [1, 2, 3]\n",
            "# sort a list\n", "while True:"]
@@ -45,17 +47,21 @@ def llm():
 def _start_server(*flags):
   """`python -m llada_jax.serve FLAGS` on a free port; returns (process, base url) once
   /health answers."""
+  import tempfile
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   port = _free_port()
+  log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the server
   proc = subprocess.Popen([sys.executable, "-m", "llada_jax.serve", "--port", str(port), *flags],
-                          env=env, stderr=subprocess.PIPE, text=True)
+                          env=env, stderr=log, text=True)
   url = f"http://127.0.0.1:{port}"
   for _ in range(1200):
     try:
       if httpx.get(url + "/health").status_code == 200:
         return proc, url
     except httpx.TransportError:
-      assert proc.poll() is None, proc.stderr.read()
+      if proc.poll() is not None:
+        log.seek(0)
+        raise AssertionError(log.read()[-3000:]) from None
       time.sleep(0.1)
   proc.kill()
   raise AssertionError("the server did not start")
@@ -150,19 +156,20 @@ def test_concurrent_requests_equal_generate(server, llm):
 
 
 def test_short_request_overtakes_long_one(server):
+  """A long request is decoding (its first block streamed) when a short one arrives: the short
+  one's whole answer comes back while the long stream is still open."""
   url = server
-  done = {}
-
-  def run(name, max_tokens):
-    _complete(url, "def fibonacci(n):", max_tokens)
-    done[name] = time.monotonic()
-
-  long = threading.Thread(target=run, args=("long", 192))
-  long.start()
-  time.sleep(0.3)  # the long one is decoding when the short one arrives
-  run("short", 32)
-  long.join()
-  assert done["short"] < done["long"]
+  t0 = time.monotonic()
+  with httpx.stream("POST", url + "/v1/completions", timeout=300, json={
+      "prompt": "x = [1, 2, 3]\n", "max_tokens": 192, "stream": True}) as r:
+    lines = r.iter_lines()
+    first = next(line for line in lines if line.startswith("data: "))
+    short = _complete(url, "def fibonacci(n):", 32)
+    short_done = time.monotonic() - t0  # since the long request was sent
+    rest = _sse([first, *lines])
+  assert short["choices"][0]["finish_reason"] in ("stop", "length")
+  assert rest[-2]["llada"]["finish"] == "length"  # it ran the whole 192 tokens
+  assert short_done < rest[-2]["llada"]["seconds"]  # the short one ended first
 
 
 @pytest.mark.parametrize("body, status, param, words", [
@@ -247,6 +254,36 @@ def test_openai_client(server, llm):
                               extra_body={"block_length": 8})
 
 
+def test_engine_survives_a_failing_request(llm):
+  """An exception inside a round (here a client callback) fails the requests of that round with
+  finish "error" and the message, and the engine goes on serving."""
+  from llada_jax.serve.engine import Request
+  engine = llm.engine(slots=2, max_length=128, chunk=4)
+  results = {}
+
+  def boom(_):
+    raise RuntimeError("client callback failed")
+
+  s = engine.settings
+  import dataclasses
+  s32 = dataclasses.replace(s, gen_length=32)
+  engine.submit(Request(prompt_ids=llm.encode(PROMPTS[0]), settings=s32, on_tokens=boom,
+                        on_done=lambda r: results.__setitem__("bad", r)))
+  engine.submit(Request(prompt_ids=llm.encode(PROMPTS[1]), settings=s32,
+                        on_done=lambda r: results.__setitem__("other", r)))
+  while len(results) < 2:
+    engine.step()
+  assert results["bad"].finish == results["other"].finish == "error"
+  assert "client callback failed" in results["bad"].error
+  engine.submit(Request(prompt_ids=llm.encode(PROMPTS[2]), settings=s32,
+                        on_done=lambda r: results.__setitem__("after", r)))
+  while "after" not in results:
+    engine.step()
+  ref = llm.generate(PROMPTS[2], gen_length=32)[0]
+  assert results["after"].output_ids == ref.token_ids and results["after"].nfe == ref.nfe
+  assert engine.stats["errors"] == 1
+
+
 @pytest.mark.slow
 def test_serve_command_drains_on_sigterm(tmp_path):
   """`python -m llada_jax.serve`: a bad flag is one line (exit 2); a served streaming request
@@ -303,9 +340,6 @@ def test_playground_in_a_browser(server, llm):
     tokens.clear()
     tokens.send_keys("64")
     browser.find_element(By.ID, "go").click()
-    seen_masks = WebDriverWait(browser, 60, poll_frequency=0.02).until(
-        lambda b: b.find_elements(By.CSS_SELECTOR, "#canvas .mask") or None)
-    assert seen_masks  # a step of the canvas with masks left was drawn
     stats = WebDriverWait(browser, 120).until(
         lambda b: (t := b.find_element(By.ID, "stats").text).startswith("NFE") and t)
     ref = llm.generate("class Stack:", mode="speedy", gen_length=64)[0]
@@ -313,6 +347,9 @@ def test_playground_in_a_browser(server, llm):
     canvas = browser.find_element(By.ID, "canvas")
     assert canvas.get_attribute("data-text") == ref.text
     assert not canvas.find_elements(By.CSS_SELECTOR, ".mask")  # the final canvas: no mask
+    # the steps drawn on the way: masks, then M2T fills (the page counts what it drew)
+    assert int(canvas.get_attribute("data-drawn-masks")) > 0
+    assert int(canvas.get_attribute("data-drawn-fills")) > 0
     assert browser.find_element(By.ID, "error").text == ""
   finally:
     browser.quit()

@@ -105,14 +105,15 @@ def _preference_pairs(path, n=64, seed=0):
   return path
 
 
-def test_dpo_on_preference_pairs_from_the_cli(tmp_path):
-  """configs/tiny_dpo.py on a JSONL file of preference pairs (`data.source`), through the train
-  CLI: the reward margin rises."""
+def test_dpo_on_preference_pairs(tmp_path):
+  """configs/tiny_dpo.py (the file the train CLI loads) on a JSONL file of preference pairs
+  (`data.source`): the reward margin rises."""
+  cfg = _load_config_file(os.path.join(ROOT, "configs", "tiny_dpo.py"))
   pairs = _preference_pairs(tmp_path / "pairs.jsonl")
-  p = _cli("tiny_dpo.py", tmp_path / "run", {
-      "data.task": "", "data.source": str(pairs), "tokenizer": "bytes",
-      "optim.lr": 3e-3, "steps": 30, "log_every": 5})
-  assert p.returncode == 0, p.stderr[-3000:]
+  with cfg.unlocked():
+    cfg.data.task, cfg.data.source = "", str(pairs)
+    cfg.optim.lr, cfg.steps, cfg.log_every = 3e-3, 30, 5
+  _run(tmp_path, "run", cfg)
   margins = _losses(tmp_path / "run", "margin")
   assert margins[0] < 1.0 and np.mean(margins[-3:]) > 1.0, margins
 

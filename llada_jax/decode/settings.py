@@ -100,8 +100,12 @@ class DecodeSettings:
       bad(f"temperature must be a finite number >= 0 (0 = greedy), got {got(self.temperature)}")
     if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
       bad(f"top_p must be in (0, 1] (1 = off), got {got(self.top_p)}")
-    if not _is_int(self.seed):
-      bad(f"seed must be an integer, got {got(self.seed)}")
+    if not _is_int(self.seed) or not -2**63 <= self.seed < 2**63:
+      bad(f"seed must be a 64-bit integer, got {got(self.seed)}")
+    for name in ("gen_length", "block_length", "steps", "num_to_transfer", "mbe_window",
+                 "max_post_steps", "top_k", "max_iterations"):
+      if getattr(self, name) >= 2**31:
+        bad(f"{name} must be below 2**31, got {getattr(self, name)}")
     if not isinstance(self.eos_early_stop, bool):
       bad(f"eos_early_stop must be true or false, got {got(self.eos_early_stop)}")
     for name in ("eos_id", "mask_id"):

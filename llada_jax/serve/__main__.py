@@ -96,20 +96,25 @@ def prepare(args):
                      f"--max-length {engine.max_length}")
   name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint))
                              if args.checkpoint else "llada-default")
-  return llm, engine, Server(llm, engine, model_id=name, default_max_tokens=args.max_tokens)
+  return llm, engine, Server(llm, engine, model_id=name, default_max_tokens=args.max_tokens,
+                             default_mode=args.mode)
 
 
 def warmup(server) -> None:
-  """One short request through the engine (compiles its programs) before serving."""
-  from llada_jax.serve.engine import Request  # noqa: PLC0415
+  """Compiles the engine's programs before serving: one short request per prompt bucket (a
+  power-of-two number of blocks up to the max length), so that no first request of a bucket
+  stalls the others while its admission compiles."""
   import dataclasses  # noqa: PLC0415
+  from llada_jax.serve.engine import Request  # noqa: PLC0415
   e = server.engine
   bl = e.settings.block_length
   done = []
-  e.submit(Request(prompt_ids=[0] * min(bl, e.max_length - bl),
-                   settings=dataclasses.replace(e.settings, gen_length=bl),
-                   on_done=done.append))
-  while not done:
+  blocks, n = 1, 0
+  while blocks * bl <= e.max_length - bl:
+    e.submit(Request(prompt_ids=[0] * (blocks * bl), settings=dataclasses.replace(
+        e.settings, gen_length=bl), on_done=done.append))
+    blocks, n = blocks * 2, n + 1
+  while len(done) < n:
     e.step()
 
 

@@ -48,7 +48,8 @@ UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": 
                "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
                "tools": (None, []), "frequency_penalty": (None, 0, 0.0),
                "presence_penalty": (None, 0, 0.0), "stop": (None, [], "")}
-FINISH = {"eos": "stop", "length": "length", "budget": "length", "cancelled": "cancelled"}
+# OpenAI's finish reasons; "budget" (the iteration budget ran out, masks left) reads as length
+FINISH = {"eos": "stop", "length": "length", "budget": "length", "cancelled": "length"}
 
 
 class _Canvas:
@@ -73,9 +74,10 @@ def error_response(e: BadRequest) -> JSONResponse:
 class Server:
   """The app's state: the LLM (tokenizer, chat template), its engine, the served model id."""
 
-  def __init__(self, llm, engine: Engine, *, model_id: str, default_max_tokens: int = 128):
+  def __init__(self, llm, engine: Engine, *, model_id: str, default_max_tokens: int = 128,
+               default_mode: str = "quality"):
     self.llm, self.engine, self.model_id = llm, engine, model_id
-    self.default_max_tokens = default_max_tokens
+    self.default_max_tokens, self.default_mode = default_max_tokens, default_mode
     self.started = time.time()
 
   # ---- request parsing --------------------------------------------------------------------------
@@ -101,7 +103,7 @@ class Server:
     return body
 
   def _settings(self, body: dict[str, Any]) -> DecodeSettings:
-    mode = body.get("mode", "quality")
+    mode = body.get("mode", self.default_mode)
     if mode not in MODES:
       raise BadRequest(f"unknown mode {mode!r}; choose from {', '.join(MODES)}", param="mode")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -181,12 +183,22 @@ class Server:
                                headers={"Cache-Control": "no-cache"})
     try:
       while True:
-        item = await queue.get()
+        try:
+          item = await asyncio.wait_for(queue.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+          if await request.is_disconnected():  # the client left: free its slot
+            req.cancel()
+            return JSONResponse({}, status_code=499)
+          continue
         if isinstance(item, RowResult):
           break
     except asyncio.CancelledError:
       req.cancel()
       raise
+    if item.finish == "error":
+      return JSONResponse({"error": {"message": f"decoding failed: {item.error}",
+                                     "type": "server_error", "param": None, "code": None}},
+                          status_code=500)
     return JSONResponse(self._response(rid, chat, ids, item))
 
   def _usage(self, ids, result: RowResult) -> dict[str, int]:
@@ -253,15 +265,22 @@ class Server:
           yield self._canvas_event(rid, obj, created, item.ids, req.settings.mask_id)
           continue
         if isinstance(item, RowResult):
-          if item.finish != "cancelled" and req.on_canvas is not None:
+          if item.finish == "error":
+            yield "data: " + json.dumps({"error": {
+                "message": f"decoding failed: {item.error}", "type": "server_error",
+                "param": None, "code": None}}) + "\n\n"
+            finished = True
+            return
+          if req.on_canvas is not None:
             yield self._canvas_event(rid, obj, created, item.output_ids, req.settings.mask_id)
           text = self._text(item.output_ids)
           if len(text) > len(sent_text):
             yield event(text[len(sent_text):])
-          extra = {"llada": self._stats(item)}
-          if include_usage:
-            extra["usage"] = self._usage(req.prompt_ids, item)
-          yield event(None, finish=FINISH[item.finish], extra=extra)
+          yield event(None, finish=FINISH[item.finish], extra={"llada": self._stats(item)})
+          if include_usage:  # OpenAI's last chunk: no choices, the usage
+            yield ("data: " + json.dumps({
+                "id": rid, "object": obj, "created": created, "model": self.model_id,
+                "choices": [], "usage": self._usage(req.prompt_ids, item)}) + "\n\n")
           yield "data: [DONE]\n\n"
           finished = True
           return
@@ -290,9 +309,11 @@ class Server:
 
   async def health(self, request: HTTPRequest):
     e = self.engine
+    stats = dict(e.stats)  # the engine thread may add a key meanwhile
     return JSONResponse({"status": "ok", "slots": e.slots,
-                         "busy_slots": sum(r is not None for r in e._rows),
-                         "queued": len(e._queue), **{k: int(v) for k, v in e.stats.items()}})
+                         "busy_slots": sum(r is not None for r in list(e._rows)),
+                         "queued": len(e._queue), "last_error": e.last_error,
+                         **{k: int(v) for k, v in stats.items()}})
 
   async def playground(self, request: HTTPRequest):
     with open(os.path.join(os.path.dirname(__file__), "playground.html"), encoding="utf-8") as f:

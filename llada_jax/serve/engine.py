@@ -62,9 +62,10 @@ class RowResult:
   nfe: int
   fills: int
   edits: int
-  finish: str  # "eos", "length", "budget" or "cancelled"
+  finish: str  # "eos", "length", "budget", "cancelled" or "error"
   seconds: float  # from submission to the result
   queued_seconds: float  # from submission to admission
+  error: str | None = None  # finish "error": what failed
 
   @property
   def tpf(self) -> float:
@@ -140,11 +141,11 @@ def _admit(params, carry: Carry, c: ModelConfig, spec: StaticSpec, slot, row, pr
       edits=put(carry.edits, 0))
 
 
-@functools.partial(jax.jit, static_argnames=("c", "spec", "chunk"), donate_argnames=("carry",))
+@functools.partial(jax.jit, static_argnames=("c", "spec"), donate_argnames=("carry",))
 def _advance(params, carry: Carry, knobs: Knobs, c: ModelConfig, spec: StaticSpec,
-             chunk: int) -> tuple[Carry, jax.Array]:
-  """Up to `chunk` loop iterations on every slot; stops early when a row finishes. Returns the
-  carry and the iterations run."""
+             chunk) -> tuple[Carry, jax.Array]:
+  """Up to `chunk` (traced) loop iterations on every slot; stops early when a row finishes.
+  Returns the carry and the iterations run."""
   batch, t = carry.prompt_len.shape[0], spec.canvas_length
   body = loop_body(c, knobs, spec, batch, t)
   done0 = carry.done
@@ -187,6 +188,9 @@ class Engine:
       raise InputError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
     bl = s.block_length
     limit = min(config.max_position_embeddings, 4096) if max_length is None else max_length
+    if limit > config.max_position_embeddings:
+      raise InputError(f"max_length {limit} exceeds the model's max_position_embeddings "
+                       f"({config.max_position_embeddings})")
     if limit < 2 * bl:
       raise InputError(f"max_length {limit} leaves no room for a prompt block and a "
                        f"generated block of {bl} tokens")
@@ -210,7 +214,8 @@ class Engine:
     self._wake = threading.Condition()
     self._stop = False
     self._thread: threading.Thread | None = None
-    self.stats = collections.Counter()  # admitted, finished, cancelled, iterations, advances
+    self.stats = collections.Counter()  # admitted, finished, cancelled, errors, iterations, ...
+    self.last_error: str | None = None
 
   # ---- requests ---------------------------------------------------------------------------------
   def check(self, prompt_ids: list[int], settings: DecodeSettings) -> None:
@@ -265,6 +270,13 @@ class Engine:
       self._wake.notify()
     if self._thread is not None:
       self._thread.join()
+    else:  # never started: nobody else will finish them
+      with self._wake:
+        left = list(self._queue) + [r for r in self._rows if r is not None]
+        self._queue.clear()
+      self._rows = [None] * self.slots
+      for r in left:
+        self._finish(r, [], 0, 0, 0, "cancelled")
 
   def busy(self) -> bool:
     return bool(self._queue) or any(r is not None for r in self._rows)
@@ -280,22 +292,46 @@ class Engine:
 
   def step(self) -> None:
     """One round: admit, advance, report (the engine thread's work; callable directly when
-    no thread runs)."""
-    self._admit_waiting()
-    if any(r is not None for r in self._rows):
-      self._advance()
+    no thread runs). An exception fails every request in the engine (finish "error", the
+    message in `RowResult.error`) and resets the device state; the engine keeps serving."""
+    try:
+      self._admit_waiting()
+      if any(r is not None for r in self._rows):
+        self._advance()
+    except Exception as e:  # noqa: BLE001 (reported to every client, then the engine resets)
+      self._fail_all(f"{type(e).__name__}: {e}")
+
+  def _fail_all(self, message: str) -> None:
+    self.stats["errors"] += 1
+    self.last_error = message
+    with self._wake:
+      victims = list(self._queue) + [r for r in self._rows if r is not None]
+      self._queue.clear()
+    self._rows = [None] * self.slots
+    for r in victims:
+      self._finish(r, [], 0, 0, 0, "error", error=message)
+    with parallel.mesh_context(self.mesh):
+      self._carry = _init(self.params, self.config, self.spec, self.slots,
+                          self.settings.mask_id)
+
+  def _next_live(self) -> Request | None:
+    """The oldest queued request not cancelled (cancelled ones are finished on the way)."""
+    while True:
+      with self._wake:
+        if not self._queue:
+          return None
+        r = self._queue.popleft()
+      if not r.cancelled.is_set():
+        return r
+      self._finish(r, [], 0, 0, 0, "cancelled")
 
   def _admit_waiting(self) -> None:
     for slot in range(self.slots):
       if self._rows[slot] is not None:
         continue
-      with self._wake:
-        if not self._queue:
-          return
-        r = self._queue.popleft()
-      if r.cancelled.is_set():
-        self._finish(r, [], 0, 0, 0, "cancelled")
-        continue
+      r = self._next_live()
+      if r is None:
+        return
       self._admit(slot, r)
 
   def _admit(self, slot: int, r: Request) -> None:
@@ -312,7 +348,8 @@ class Engine:
                            jnp.int32(s.mask_id))
     for k in ROW_KNOBS:
       self._knobs[k][slot] = min(getattr(s, k), s.gen_length) if k == "steps" else getattr(s, k)
-    blocks = -(-(p + s.gen_length) // bl) - p // bl
+    # generate's budget for this prompt alone: its canvas's blocks
+    blocks = prompt_bucket(p, bl) // bl + -(-s.gen_length // bl)
     r.budget = s.max_iterations or blocks * (s.mbe_window * bl + s.max_post_steps + 2) + 2
     r.admitted, r.sent, r.iterations = time.monotonic(), 0, 0
     self._rows[slot] = r
@@ -326,9 +363,11 @@ class Engine:
             k["editing_threshold"]), max_post_steps=jnp.asarray(k["max_post_steps"]),
         num_to_transfer=jnp.asarray(k["num_to_transfer"]), steps=jnp.asarray(k["steps"]),
         eos_early_stop=jnp.asarray(k["eos_early_stop"]), eos_id=jnp.asarray(k["eos_id"])[:, None])
+    # no row runs past its budget inside a chunk (its result would differ from generate's)
+    left = min(r.budget - r.iterations for r in self._rows if r is not None)
     with parallel.mesh_context(self.mesh):
       self._carry, iters = _advance(self.params, self._carry, knobs, self.config, self.spec,
-                                    self.chunk)
+                                    jnp.int32(max(1, min(self.chunk, left))))
     cr = self._carry
     canvas, block, done, nfe, fills, edits = parallel.to_host(
         (cr.canvas, cr.block, cr.done, cr.nfe, cr.fills, cr.edits))
@@ -369,12 +408,12 @@ class Engine:
       if r.on_tokens is not None:
         r.on_tokens(new)
 
-  def _finish(self, r: Request, out, nfe, fills, edits, finish) -> None:
+  def _finish(self, r: Request, out, nfe, fills, edits, finish, error=None) -> None:
     now = time.monotonic()
-    self.stats["cancelled" if finish == "cancelled" else "finished"] += 1
+    self.stats[finish if finish in ("cancelled", "error") else "finished"] += 1
     result = RowResult(output_ids=out, nfe=nfe, fills=fills, edits=edits, finish=finish,
                        seconds=now - r.submitted,
-                       queued_seconds=(r.admitted or now) - r.submitted)
+                       queued_seconds=(r.admitted or now) - r.submitted, error=error)
     if r.on_done is not None:
       r.on_done(result)
 

@@ -92,14 +92,30 @@ def read_pairs(path: str) -> list[tuple[Any, str, str]]:
 
 
 class PairSource:
-  """(chosen, rejected) batches of `batch_size` pairs (see the module doc)."""
+  """(chosen, rejected) batches of `batch_size` pairs (see the module doc). Records are
+  tokenised once, here; a pair whose prompt and longer answer (with EOS) do not fit `seq_len`
+  is left out, with one warning line giving the count (none fitting is an `InputError`)."""
 
   def __init__(self, path: str, tokenizer, seq_len: int, batch_size: int, seed: int):
     import grain  # noqa: PLC0415
-    self.tok, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
-    records = read_pairs(path)
-    self.size = len(records)
-    self.dataset = grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+    self.tok, self.seq_len, self.batch_size, self.seed = tokenizer, seq_len, batch_size, seed
+    pairs, long = [], 0
+    for prompt, chosen, rejected in read_pairs(path):
+      p = self._prompt_ids(prompt)
+      c = self.tok.encode(chosen) + [self.tok.eos_id]
+      r = self.tok.encode(rejected) + [self.tok.eos_id]
+      if len(p) + max(len(c), len(r)) > seq_len:
+        long += 1
+        continue
+      pairs.append((p, c, r))
+    if not pairs:
+      raise InputError(f"no preference pair of {path} fits data.seq_len={seq_len} (prompt + "
+                       "answer + EOS)")
+    if long:
+      print(f"warning: {long} of {long + len(pairs)} preference pairs of {path} are longer "
+            f"than data.seq_len={seq_len} and are left out", flush=True)
+    self.size = len(pairs)
+    self.dataset = grain.MapDataset.source(pairs).shuffle(seed=seed % 2**32).repeat()
     self.index = 0
 
   def _prompt_ids(self, prompt) -> list[int]:
@@ -108,22 +124,24 @@ class PairSource:
     from llada_jax.train.data import render_prompt  # noqa: PLC0415
     return self.tok.encode(prompt if isinstance(prompt, str) else render_prompt(self.tok, prompt))
 
-  def _rows(self, prompts: Sequence[list[int]], answers: Sequence[str]) -> dict:
-    from llada_jax.train.ebpo import build_batch  # noqa: PLC0415
-    ids = [self.tok.encode(a) + [self.tok.eos_id] for a in answers]
-    return build_batch(prompts, ids, self.seq_len, self.tok.pad_id)
-
   def next_pair(self) -> tuple[dict, dict]:
+    from llada_jax.train.ebpo import build_batch  # noqa: PLC0415
     lo = self.index * self.batch_size
     recs = [self.dataset[lo + k] for k in range(self.batch_size)]
     self.index += 1
-    prompts = [self._prompt_ids(p) for p, _, _ in recs]
-    return (self._rows(prompts, [c for _, c, _ in recs]),
-            self._rows(prompts, [r for _, _, r in recs]))
+    prompts = [p for p, _, _ in recs]
+    return (build_batch(prompts, [c for _, c, _ in recs], self.seq_len, self.tok.pad_id),
+            build_batch(prompts, [r for _, _, r in recs], self.seq_len, self.tok.pad_id))
 
   def get_state(self) -> dict:
-    return {"index": self.index}
+    return {"index": self.index, "pairs": self.size, "batch_size": self.batch_size,
+            "seed": self.seed}
 
   def set_state(self, state: dict) -> None:
+    for key, mine in (("pairs", self.size), ("batch_size", self.batch_size),
+                      ("seed", self.seed)):
+      if key in state and int(state[key]) != mine:
+        raise InputError(f"the checkpoint's preference data had {key}={state[key]}, this run "
+                         f"has {mine}: resuming would not continue the same batches (use a new "
+                         "workdir)")
     self.index = int(state["index"])
-
