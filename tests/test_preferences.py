@@ -29,7 +29,7 @@ def test_record_formats():
 
 
 @pytest.mark.parametrize("line, words", [
-    ("not json", "f.jsonl:1: not valid JSON"),
+    ("not json", "f.jsonl:1: invalid JSON"),
     ('{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
     ('{"prompt": "", "chosen": "b", "rejected": "c"}', "empty prompt"),
     ('{"prompt": 3, "chosen": "b", "rejected": "c"}', "prompt must be a string or a list"),

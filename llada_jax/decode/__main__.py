@@ -24,9 +24,7 @@ import warnings
 
 from llada_jax.decode.settings import ALGORITHMS, MODES
 from llada_jax.errors import InputError, run_main
-
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
-                                  "default_model")
+from llada_jax.llm import DEFAULT_CHECKPOINT  # the embedded model
 
 # --check-finite is on by default when the weight files are smaller than this.
 CHECK_FINITE_AUTO_BYTES = 2 * 1024**3

@@ -45,7 +45,6 @@ from llada_jax.decode.api import finish_status, prompt_bucket
 from llada_jax.decode.generate import Carry, Knobs, StaticSpec, init_carry, loop_body, prefill_kv
 from llada_jax.decode.settings import DecodeSettings
 from llada_jax.errors import InputError
-from llada_jax.model import kv_cache
 from llada_jax.model.transformer import resolve_attention
 
 ROW_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "num_to_transfer", "steps",
@@ -417,9 +416,3 @@ class Engine:
     if r.on_done is not None:
       r.on_done(result)
 
-
-def cache_bytes(config: ModelConfig, slots: int, max_length: int) -> int:
-  """Bytes of the engine's KV cache (all slots, all layers)."""
-  shapes = jax.eval_shape(lambda: kv_cache.init_cache(config, slots,
-                                                      kv_cache.capacity(max_length)))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))

@@ -29,6 +29,8 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 import grain
 import numpy as np
 
+from llada_jax.errors import InputError
+
 VERSION = "1.0.0"
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
 _FIELDS = ("text", "prompt", "response", "messages")
@@ -168,8 +170,11 @@ def _chat_record(obj: Mapping[str, Any], where: str) -> dict[str, str] | None:
   return None
 
 
-def _iter_jsonl(path: str, rel: str) -> Iterator[tuple[str, dict[str, str]]]:
-  with open(path, encoding="utf-8", errors="replace") as f:
+def jsonl_objects(path: str, errors: str = "strict") -> Iterator[tuple[int, str, Any]]:
+  """(line number, "path:line", parsed value) of every non-blank line of a JSONL file; a line
+  that is not JSON is one `InputError` naming path:line. `errors`: how `open` decodes bad
+  UTF-8."""
+  with open(path, encoding="utf-8", errors=errors) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -177,19 +182,24 @@ def _iter_jsonl(path: str, rel: str) -> Iterator[tuple[str, dict[str, str]]]:
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: each JSONL line must be an object")
-      rec = _chat_record(obj, where) or _empty_record()
-      if "text" in obj:
-        if not isinstance(obj["text"], str):
-          raise ValueError(f"{where}: \"text\" must be a string")
-        rec["text"] = obj["text"]
-      elif not (rec["response"] or rec["messages"] or rec["prompt"]):
-        raise ValueError(f"{where}: a record needs \"text\", \"prompt\"+\"response\" or "
-                         "\"messages\"")
-      if rec["text"].strip() or rec["response"] or rec["messages"] or rec["prompt"]:
-        yield f"{rel}:{lineno}", rec
+        raise InputError(f"{where}: invalid JSON ({e.msg})") from None
+      yield lineno, where, obj
+
+
+def _iter_jsonl(path: str, rel: str) -> Iterator[tuple[str, dict[str, str]]]:
+  for lineno, where, obj in jsonl_objects(path, errors="replace"):
+    if not isinstance(obj, dict):
+      raise ValueError(f"{where}: each JSONL line must be an object")
+    rec = _chat_record(obj, where) or _empty_record()
+    if "text" in obj:
+      if not isinstance(obj["text"], str):
+        raise ValueError(f"{where}: \"text\" must be a string")
+      rec["text"] = obj["text"]
+    elif not (rec["response"] or rec["messages"] or rec["prompt"]):
+      raise ValueError(f"{where}: a record needs \"text\", \"prompt\"+\"response\" or "
+                       "\"messages\"")
+    if rec["text"].strip() or rec["response"] or rec["messages"] or rec["prompt"]:
+      yield f"{rel}:{lineno}", rec
 
 
 def _iter_text(path: str, rel: str, doc_separator: str | None):

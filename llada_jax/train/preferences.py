@@ -18,9 +18,8 @@ draws the whole global batch (as toy tasks do); the trainer keeps its rows.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from llada_jax.errors import InputError
 
@@ -74,18 +73,8 @@ def read_pairs(path: str) -> list[tuple[Any, str, str]]:
            if os.path.isdir(path) else [path])
   if not files:
     raise InputError(f"no .jsonl files in {path}")
-  out = []
-  for file in files:
-    with open(file, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{file}:{n}"
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-        out.append(parse_record(obj, where))
+  from llada_jax.train.data import jsonl_objects  # noqa: PLC0415
+  out = [parse_record(obj, where) for file in files for _, where, obj in jsonl_objects(file)]
   if not out:
     raise InputError(f"{path} holds no preference records")
   return out
