@@ -172,7 +172,8 @@ def test_cli_timing_reports_load_and_run_without_compilation(tiny, capsys):
   assert out["load_seconds"] > 0 and out["run_seconds"] > 0
   # (run_seconds vs seconds is no contract: the first decode compiles only when no earlier
   # call in this process compiled the same program)
-  assert 0 < out["seconds_per_forward"] * out["nfe"] <= out["run_seconds"]
+  # (both printed to 4 significant digits)
+  assert 0 < out["seconds_per_forward"] * out["nfe"] <= out["run_seconds"] * 1.002
   assert out["mesh"] is None  # one device: --mesh auto is no mesh
 
 

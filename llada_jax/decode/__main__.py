@@ -300,8 +300,8 @@ def run(argv=None) -> int:
     decode()
     run_seconds = time.perf_counter() - t0
     steps = max(result.nfe) + result.commits
-    timing.update(run_seconds=round(run_seconds, 3),
-                  seconds_per_forward=round(run_seconds / max(steps, 1), 4))
+    timing.update(run_seconds=float(f"{run_seconds:.4g}"),
+                  seconds_per_forward=float(f"{run_seconds / max(steps, 1):.4g}"))
   rows = []
   for i, ids in enumerate(result.output_ids):
     row = dict(prompt_ids=prompts[i], output_ids=ids, nfe=result.nfe[i], tpf=result.tpf[i],

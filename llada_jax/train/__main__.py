@@ -188,6 +188,8 @@ def _quiet_abandoned_writers() -> None:
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   logging.getLogger("absl").setLevel(logging.CRITICAL)
   sys.unraisablehook = lambda unraisable: None
+  import warnings  # noqa: PLC0415
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def main(argv=None) -> int:
