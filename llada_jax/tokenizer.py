@@ -11,6 +11,20 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
+# The files of a tokenizer directory (those present are copied next to exported weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json")
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+  """Copies the tokenizer files of directory `src` (those of `TOKENIZER_FILES` present) into
+  `dst`; returns their names."""
+  import shutil  # noqa: PLC0415
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+  for n in names:
+    shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+  return names
+
 
 class Tokenizer:
   """Wraps a `tokenizers.Tokenizer`; `chat_template` is a Jinja template or None.
