@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import llada_jax
-from llada_jax import masks
 from llada_jax.model import layers, params as params_lib
 from llada_jax.model.moe import route
 

@@ -83,17 +83,23 @@ def test_pair_batches_are_resumable_and_cover_every_record(tmp_path):
   assert "+1=" in prompt_text
 
 
-def test_long_pairs_are_left_out_and_resume_checks_the_data(tmp_path, capsys):
+def test_long_or_empty_pairs_are_bad_records_and_resume_checks_the_data(tmp_path, capsys):
   path = _pairs(tmp_path)
   with open(path, "a") as f:
     f.write(json.dumps({"prompt": "x" * 100, "chosen": "a", "rejected": "b"}) + "\n")
-  src = PairSource(path, TOK, seq_len=48, batch_size=5, seed=3)
-  assert src.size == 10
-  assert "1 of 11 preference pairs" in capsys.readouterr().out
+    f.write(json.dumps({"prompt": "y", "chosen": " ", "rejected": "b"}) + "\n")
+  with pytest.raises(InputError, match=r"pairs.jsonl:11: the prompt \(100 tokens\) and the "
+                     r"longer answer with EOS \(2\) do not fit data.seq_len=48"):
+    PairSource(path, TOK, seq_len=48, batch_size=5, seed=3)
+  src = PairSource(path, TOK, seq_len=48, batch_size=5, seed=3, bad_records="skip")
+  assert src.size == 10 and src.skipped == 2
+  assert "2 bad records of" in capsys.readouterr().out
   with pytest.raises(InputError, match="batch_size=4, this run has 5"):
     src.set_state(dict(src.get_state(), batch_size=4))
-  with pytest.raises(InputError, match="fits data.seq_len=4"):
-    PairSource(path, TOK, seq_len=4, batch_size=5, seed=3)
+  with pytest.raises(InputError, match=r"holds no usable preference pairs \(12 bad records"):
+    PairSource(path, TOK, seq_len=4, batch_size=5, seed=3, bad_records="skip")
+  with pytest.raises(InputError, match="pairs.jsonl:12: empty chosen answer"):
+    read_pairs(path)
 
 
 def test_dpo_config_needs_pairs_or_a_task(tmp_path):

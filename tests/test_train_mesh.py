@@ -160,20 +160,21 @@ def _two_processes(workdir, overrides, config):
 
 
 OBJECTIVES_WORKER = r"""
-import json, sys
+import importlib.util, json, sys
 from llada_jax.train.defaults import tiny_byte_config
 from llada_jax.train.trainer import Trainer
+spec = importlib.util.spec_from_file_location("tiny_ebpo", "configs/tiny_ebpo.py")
+tiny_ebpo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny_ebpo)
 out = {}
 for stage in ("dpo", "ebpo"):
   for mesh, moe in (("", "ragged"), ("data=2,expert=4", "ep")):
-    c = tiny_byte_config(stage)
+    c = tiny_ebpo.get_config() if stage == "ebpo" else tiny_byte_config(stage)
     c.steps, c.log_every, c.ckpt_every = 2, 1, 100
     c.mesh, c.objective.moe_impl = mesh, moe
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"
-    if stage == "ebpo":
-      c.data.task, c.data.batch_size, c.ebpo.group_size, c.ebpo.gen_length = "repeat", 2, 4, 8
-    else:
+    if stage == "dpo":
       c.data.batch_size = 8
     t = Trainer(c, f"{sys.argv[1]}/{stage}_{mesh or 'one'}", progress=False)
     t.run()

@@ -33,7 +33,6 @@ no TPU, no weights) and prints, per device and per counted forward of the window
 
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import os

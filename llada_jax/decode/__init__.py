@@ -2,3 +2,5 @@
 
 from llada_jax.decode.api import GenerateResult, generate
 from llada_jax.decode.settings import MODES, DecodeSettings
+
+__all__ = ["GenerateResult", "generate", "MODES", "DecodeSettings"]

@@ -26,7 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
       name="corpus",
       kind="pretrain",  # pretrain (packed documents) | sft (prompt never masked)
       task="",  # a toy task (llada_jax.train.toy_tasks) instead of a corpus
-      eos_padding="none",  # toy tasks: "block" trains EOS up to the end of the answer's block
+      # "block": EOS repeated up to the end of the answer's block, as the decoder fills a whole
+      # block (toy tasks, preference pairs, EBPO's scored rollouts)
+      eos_padding="none",
       seq_len=64,
       batch_size=8,  # the global batch (all processes, all micro-batches)
       # Corpora: the global batch is read as `shards` fixed slices, shard k from the k-th
@@ -34,7 +36,16 @@ def base_config() -> ml_collections.ConfigDict:
       # batches whatever their process count.
       shards=0,
       # Held out from a corpus for evaluation (the `validation` split, never trained on).
-      validation_fraction=0.0))
+      validation_fraction=0.0,
+      # SFT (kind="sft"): pad each example to a multiple of the block and train the padding
+      # (the paper's SFT; the decoder then fills whole blocks), and pack several examples per
+      # row (grain first-fit packing; each starts on a block boundary with block_padding).
+      block_padding=False,
+      pack=False,
+      # Preference pairs (dpo) and prompt sets (ebpo): a bad record (missing field, empty
+      # answer, too long for seq_len) is an error naming its line ("error") or is left out and
+      # counted in the metrics as data_skipped ("skip").
+      bad_records="error"))
   c.objective = ml_collections.ConfigDict(dict(
       block_length=32, t_min=0.3, t_max=0.8, weighting="token_mean", complementary=False,
       edit_rate=0.0, mtf_rate=0.0, edit_weight=1.0, keep_weight=1.0, cap_weight=0.0,
@@ -50,10 +61,17 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1e-3, schedule="cosine", warmup_steps=10, decay_fraction=0.2, final_lr_fraction=0.1,
       weight_decay=0.01, clip=1.0, b1=0.9, b2=0.95))
   c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
+  # EBPO: G rollouts per prompt from our decoder (mode, thresholds: the decode settings; T2T
+  # editing off with editing_threshold=1.0), N timesteps per log-ratio with weights w_n (() =
+  # equal), the ratio clipped per block, per sequence or as the summed formula
+  # (llada_jax.train.ebpo).
   c.ebpo = ml_collections.ConfigDict(dict(
-      group_size=8, num_timesteps=2, eps_low=0.2, eps_high=0.28, updates_per_rollout=2,
-      gen_length=16, mode="speedy", temperature=1.0, threshold=0.5, editing_threshold=0.5,
-      max_post_steps=2, reward="char_overlap"))
+      group_size=8, num_timesteps=2, timestep_weights=(), eps_low=0.2, eps_high=0.28,
+      ratio_level="block", updates_per_rollout=2, gen_length=16, mode="speedy",
+      temperature=1.0, threshold=0.5, editing_threshold=0.5, max_post_steps=2))
+  # The EBPO reward by name (llada_jax.train.rewards): exact_match, math, code (the record's
+  # tests run in a sandboxed subprocess), char_overlap, match_any.
+  c.reward = "char_overlap"
   c.grad_accum_steps = 1  # micro-batches per step (lax.scan inside the step; one update)
   # MoE expert-bias balancing (bdlm stage): after each step every MoE layer's router
   # `expert_bias` moves by +rate for experts below the layer's mean load, -rate above it

@@ -5,6 +5,15 @@
 
 z_n is the 2L layout of the response noised at timestep t_n (one forward per t_n), A are
 group-normalised rewards of G rollouts per prompt, drawn from our own decoder.
+
+Where the ratio is taken (`EBPOConfig.ratio_level`):
+  * "block" (default): one ratio per block b of the response, its log the per-masked-token mean
+    log-ratio of the block over the N timesteps, sum_n w_n (new_nb - old_nb) / sum_n w_n m_nb
+    (m_nb: masked tokens of block b at t_n); clipped per block; a row's objective is the mean
+    over its blocks that had a masked token. A block's ratio stays O(1) whatever the response
+    length, so one update does not clip every sample (as the summed ratio does on long answers).
+  * "sequence": the same per-token normalisation over the whole response (one ratio per row).
+  * "sequence_sum": the formula above as written, unnormalised (saturates on long responses).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import numpy as np
 from llada_jax.config import ModelConfig
 from llada_jax.train.objectives import block_logprobs
 
+RATIO_LEVELS = ("block", "sequence", "sequence_sum")
+
 
 @dataclasses.dataclass(frozen=True)
 class EBPOConfig:
@@ -26,10 +37,27 @@ class EBPOConfig:
   num_timesteps: int = 2  # N sampled timesteps per log-ratio
   eps_low: float = 0.2
   eps_high: float = 0.28
+  ratio_level: str = "block"  # block | sequence | sequence_sum (module doc)
+  weights: tuple = ()  # w_n, one per timestep (() = equal weights)
   block_length: int = 32
   attention_impl: str = "xla"
   moe_impl: str = "ragged"
   remat: bool = False
+
+  def validate(self) -> None:
+    if self.ratio_level not in RATIO_LEVELS:
+      raise ValueError(f"ebpo.ratio_level {self.ratio_level!r} (choose from "
+                       f"{', '.join(RATIO_LEVELS)})")
+    if self.weights and (len(self.weights) != self.num_timesteps
+                         or any(not w >= 0 for w in self.weights) or sum(self.weights) <= 0):
+      raise ValueError(f"ebpo.timestep_weights={tuple(self.weights)} must be "
+                       f"{self.num_timesteps} non-negative numbers (one per timestep, "
+                       "ebpo.num_timesteps) with a positive sum, or () for equal weights")
+
+  def timestep_weights(self) -> jax.Array:
+    """`[N]` weights w_n summing to 1."""
+    w = jnp.asarray(self.weights or (1.0,) * self.num_timesteps, jnp.float32)
+    return w / w.sum()
 
   @property
   def impl(self) -> dict:
@@ -59,18 +87,63 @@ def policy_block_logprobs(params, c: ModelConfig, batch: dict, masks_n: jax.Arra
                      masks_n)
 
 
-def ebpo_sums(params, c: ModelConfig, batch: dict, masks_n, old_logp, advantages, num_rows,
-              cfg: EBPOConfig):
-  """(this batch's share of the clipped objective over `num_rows` rows, metric sums)."""
-  new = policy_block_logprobs(params, c, batch, masks_n, cfg.block_length, **cfg.impl)
-  w = 1.0 / masks_n.shape[0]  # equal weights w_n
-  log_ratio = (w * (new - old_logp)).sum(axis=(0, 2))
+def block_counts(masks_n: jax.Array, block_length: int) -> jax.Array:
+  """`[N, B, L]` masks -> `[N, B, nb]` masked tokens per block (as `block_logprobs` sums)."""
+  n, b, length = masks_n.shape
+  m = masks_n.astype(jnp.float32)
+  if block_length >= length:
+    return m.sum(-1, keepdims=True)
+  return m.reshape(n, b, length // block_length, block_length).sum(-1)
+
+
+def log_ratios(new, old, counts, cfg: EBPOConfig):
+  """(log-ratios `[B, K]`, which of them count `[B, K]`) from `[N, B, nb]` per-block terms:
+  K = nb ratios per row at the block level, one otherwise (module doc)."""
+  w = cfg.timestep_weights()[:, None, None]
+  diff, tokens = (w * (new - old)).sum(0), (w * counts).sum(0)  # [B, nb]
+  if cfg.ratio_level == "sequence_sum":
+    return diff.sum(-1, keepdims=True), tokens.sum(-1, keepdims=True) > 0
+  if cfg.ratio_level == "sequence":
+    diff, tokens = diff.sum(-1, keepdims=True), tokens.sum(-1, keepdims=True)
+  return diff / jnp.maximum(tokens, 1e-9), tokens > 0
+
+
+def clipped_objective(log_ratio, active, advantages, cfg: EBPOConfig):
+  """(the per-row PPO objective `[B]`: the mean over the row's counted ratios of
+  min(rho A, clip(rho) A), metric sums over rows: the row-mean ratio and its square, the
+  fraction of clipped ratios, and `live`: rows whose objective has a gradient, i.e. a non-zero
+  advantage and at least one ratio the clip does not cut off)."""
   ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
-  obj = jnp.minimum(ratio * advantages, clipped * advantages)
-  sums = dict(loss=-obj.sum(), ratio=ratio.sum(),
-              clip_fraction=(jnp.abs(ratio - clipped) > 1e-6).astype(jnp.float32).sum())
+  adv = advantages[:, None]
+  obj = jnp.minimum(ratio * adv, clipped * adv)
+  k = jnp.maximum(active.sum(-1), 1).astype(jnp.float32)  # counted ratios per row
+  row_mean = lambda x: jnp.where(active, x, 0.0).sum(-1) / k
+  is_clipped = jnp.abs(ratio - clipped) > 1e-6
+  grad_flows = active & ~(is_clipped & (clipped * adv < ratio * adv))
+  r = jax.lax.stop_gradient(row_mean(ratio))
+  sums = dict(ratio=r.sum(), ratio_sq=(r * r).sum(),
+              clip_fraction=row_mean(is_clipped.astype(jnp.float32)).sum(),
+              live=(grad_flows.any(-1) & (advantages != 0)).astype(jnp.float32).sum())
+  return row_mean(obj), sums
+
+
+def ebpo_sums(params, c: ModelConfig, batch: dict, masks_n, old_logp, advantages, num_rows,
+              cfg: EBPOConfig):
+  """(this batch's share of the clipped objective over `num_rows` rows, metric sums over its
+  rows: `loss` and those of `clipped_objective`)."""
+  new = policy_block_logprobs(params, c, batch, masks_n, cfg.block_length, **cfg.impl)
+  log_ratio, active = log_ratios(new, old_logp, block_counts(masks_n, cfg.block_length), cfg)
+  obj, sums = clipped_objective(log_ratio, active, advantages, cfg)
+  sums["loss"] = -obj.sum()
   return sums["loss"] / num_rows, sums
+
+
+def ebpo_metrics(sums: dict, n: int) -> dict:
+  """Per-row means of `ebpo_sums`'s sums (`ratio_std` from the sum of squares)."""
+  m = {k: v / n for k, v in sums.items() if k != "ratio_sq"}
+  m["ratio_std"] = jnp.sqrt(jnp.maximum(sums["ratio_sq"] / n - m["ratio"] ** 2, 0.0))
+  return m
 
 
 def ebpo_loss(params, c: ModelConfig, batch: dict, masks_n, old_logp, advantages,
@@ -78,7 +151,17 @@ def ebpo_loss(params, c: ModelConfig, batch: dict, masks_n, old_logp, advantages
   """Clipped EBPO objective (negated, to minimise) and metrics."""
   n = advantages.shape[0]
   loss, sums = ebpo_sums(params, c, batch, masks_n, old_logp, advantages, n, cfg)
-  return loss, {k: v / n for k, v in sums.items()}
+  return loss, ebpo_metrics(sums, n)
+
+
+def eos_pad(prompt: Sequence[int], answer: Sequence[int], block_length: int,
+              eos_id: int) -> list[int]:
+  """`answer` (ending in EOS) followed by EOS up to the end of its block, as the decoder fills a
+  whole block; an answer without a final EOS (cut at its length) is returned as it is."""
+  answer = list(answer)
+  if not answer or answer[-1] != eos_id:
+    return answer
+  return answer + [eos_id] * (-(len(prompt) + len(answer)) % block_length)
 
 
 def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

@@ -169,7 +169,7 @@ def ebpo_step(spec: StepSpec, optimizer, state, batch, key=None, extra=None, row
                               jnp.moveaxis(d["old"], 1, 0), d["adv"], n, e)
 
   loss, sums, grads = accumulate(fn, state["params"], batch, spec.accum, rows_spec)
-  metrics = dict({k: v / n for k, v in sums.items()}, tokens=_tokens(batch["batch"]))
+  metrics = dict(ebpo_lib.ebpo_metrics(sums, n), tokens=_tokens(batch["batch"]))
   return apply_update(optimizer, state, loss, grads, metrics)
 
 

@@ -190,8 +190,20 @@ def validate(cfg) -> None:
   if cfg.stage == "dpo" and not (cfg.data.task or cfg.data.source):
     raise ConfigError("stage dpo needs data.source (preference pairs: JSONL with prompt, "
                       f"chosen, rejected) or data.task (one of {sorted(toy_tasks.TASKS)})")
-  if cfg.stage == "ebpo" and not cfg.data.task:
-    raise ConfigError(f"stage ebpo needs data.task (one of {sorted(toy_tasks.TASKS)})")
+  if cfg.stage == "ebpo":
+    if not (cfg.data.task or cfg.data.source):
+      raise ConfigError("stage ebpo needs data.source (a prompt set: JSONL with prompt and "
+                        f"answer or tests) or data.task (one of {sorted(toy_tasks.TASKS)})")
+    from llada_jax.train import rewards  # noqa: PLC0415
+    try:
+      rewards.get_reward(cfg.get("reward", "char_overlap"))
+      ebpo_config(cfg, cfg.objective.block_length).validate()
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  from llada_jax.train.records import BAD_RECORDS  # noqa: PLC0415
+  if cfg.data.get("bad_records", "error") not in BAD_RECORDS:
+    raise ConfigError(f"data.bad_records {cfg.data.bad_records!r} (choose from "
+                      f"{', '.join(BAD_RECORDS)})")
   if cfg.data.task:
     try:
       toy_tasks.get_task(cfg.data.task)
@@ -207,8 +219,23 @@ def validate(cfg) -> None:
   vf = cfg.data.get("validation_fraction", 0.0)
   if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
     raise ConfigError(f"data.validation_fraction={describe_value(vf)} must be in [0, 1)")
+  if cfg.data.get("pack", False) and cfg.data.kind != "sft":
+    raise ConfigError("data.pack=True packs SFT examples (data.kind=sft); pretraining rows are "
+                      "always packed")
   if cfg.data.get("eos_padding", "none") not in ("none", "block"):
     raise ConfigError(f"data.eos_padding {cfg.data.eos_padding!r} (none or block)")
+
+
+def ebpo_config(cfg, block: int, tp=None) -> ebpo_lib.EBPOConfig:
+  """The EBPO objective's settings for decoding block `block` (`tp`: the parallel setup)."""
+  e = cfg.ebpo
+  impl = (dict(attention_impl=tp.attention_impl, moe_impl=tp.moe_impl, remat=tp.remat)
+          if tp is not None else {})
+  return ebpo_lib.EBPOConfig(
+      group_size=e.group_size, num_timesteps=e.num_timesteps,
+      weights=tuple(float(w) for w in e.get("timestep_weights", ())), eps_low=e.eps_low,
+      eps_high=e.eps_high, ratio_level=e.get("ratio_level", "block"), block_length=block,
+      **impl)
 
 
 # ---- optimizer --------------------------------------------------------------------------------
@@ -260,7 +287,7 @@ class TaskSource:
     prompts = [self.tok.encode(p) for p, _ in examples]
     answers = [self.tok.encode(answer_of(e)) + [self.tok.eos_id] for e in examples]
     if self.eos_padding == "block":  # the decoder fills a whole block: train what follows EOS
-      answers = [a + [self.tok.eos_id] * (-(len(p) + len(a)) % self.block_length)
+      answers = [ebpo_lib.eos_pad(p, a, self.block_length, self.tok.eos_id)
                  for p, a in zip(prompts, answers)]
     return build_batch(prompts, answers, self.seq_len, self.tok.pad_id)
 
@@ -335,9 +362,17 @@ def make_source(cfg, tokenizer, block_length: int, layout: sharding.DataLayout |
   if d.task:
     return TaskSource(d.task, tokenizer, d.seq_len, d.batch_size, cfg.seed, block_length,
                       eos_padding=d.get("eos_padding", "none"))
+  bad = d.get("bad_records", "error")
   if cfg.stage == "dpo":  # preference pairs (JSONL); every process draws the global batch
     from llada_jax.train.preferences import PairSource  # noqa: PLC0415
-    return PairSource(d.source, tokenizer, d.seq_len, d.batch_size, cfg.seed)
+    return PairSource(d.source, tokenizer, d.seq_len, d.batch_size, cfg.seed, bad_records=bad,
+                      eos_block=block_length if d.get("eos_padding") == "block" else 0)
+  if cfg.stage == "ebpo":  # a prompt set (JSONL); every process draws the global batch
+    from llada_jax.train.prompt_sets import PromptSource  # noqa: PLC0415
+    from llada_jax.train.rewards import REQUIRED_FIELDS  # noqa: PLC0415
+    return PromptSource(d.source, tokenizer, d.seq_len, cfg.ebpo.gen_length, d.batch_size,
+                        cfg.seed, needs=REQUIRED_FIELDS.get(cfg.reward, "answer"),
+                        bad_records=bad)
   from llada_jax.train import data as data_lib
   layout = layout or sharding.DataLayout(d.batch_size, 1, (0,))
   path = data_lib.build_dataset(
@@ -347,6 +382,7 @@ def make_source(cfg, tokenizer, block_length: int, layout: sharding.DataLayout |
   return ShardedSource({k: data_lib.make_iterator(
       path, split="train", tokenizer=tokenizer, seq_len=d.seq_len,
       batch_size=layout.rows_per_shard, seed=cfg.seed, kind=d.kind, block_length=block_length,
+      train_block_padding=d.get("block_padding", False), pack=d.get("pack", False),
       shard_index=k, shard_count=layout.num_shards) for k in layout.local_shards}, path=path)
 
 
@@ -367,6 +403,7 @@ def make_eval_source(cfg, tokenizer, block_length: int, train_source,
   return ShardedSource({k: data_lib.make_iterator(
       train_source.path, split="validation", tokenizer=tokenizer, seq_len=d.seq_len,
       batch_size=layout.rows_per_shard, seed=cfg.seed, kind=d.kind, block_length=block_length,
+      train_block_padding=d.get("block_padding", False), pack=d.get("pack", False),
       shard_index=k, shard_count=layout.num_shards, num_epochs=None)
       for k in layout.local_shards})
 
@@ -383,7 +420,8 @@ def _shared_dataset_path(cfg, path):
 def _global_source(source) -> bool:
   """Sources every process draws whole (toy tasks, preference pairs): their state is global."""
   from llada_jax.train.preferences import PairSource  # noqa: PLC0415
-  return isinstance(source, (TaskSource, PairSource))
+  from llada_jax.train.prompt_sets import PromptSource  # noqa: PLC0415
+  return isinstance(source, (TaskSource, PairSource, PromptSource))
 
 
 def source_state(source) -> dict:
@@ -744,8 +782,9 @@ class Trainer:
     host = llada_jax.parallel.to_host(params)
     if _is_main():
       llada_jax.save_hf_checkpoint(self.cfg.export_hf, self.c, host, dtype=self.c.dtype)
-      if hasattr(self.tokenizer, "save"):
-        self.tokenizer.save(self.cfg.export_hf)
+      if self.cfg.tokenizer != "bytes":  # the run's tokenizer files, next to the weights
+        from llada_jax.tokenizer import copy_tokenizer  # noqa: PLC0415
+        copy_tokenizer(self.cfg.tokenizer, self.cfg.export_hf)
 
   def _objective(self, block: int, step: int) -> ObjectiveConfig:
     return dataclasses.replace(objective_config(self.cfg, block, step),
@@ -791,12 +830,11 @@ class Trainer:
 
   def _ebpo_step(self, state, source, key, block: int, step: int):
     cfg, e, tp = self.cfg, self.cfg.ebpo, self.tp
-    ecfg = ebpo_lib.EBPOConfig(group_size=e.group_size, num_timesteps=e.num_timesteps,
-                               eps_low=e.eps_low, eps_high=e.eps_high, block_length=block,
-                               attention_impl=tp.attention_impl, moe_impl=tp.moe_impl,
-                               remat=tp.remat)
-    prompts, answers = source.prompts()
-    reward = getattr(toy_tasks, e.reward)
+    ecfg = ebpo_config(cfg, block, tp)
+    prompts, records = source.prompts()
+    if isinstance(source, TaskSource):  # toy tasks: the answer strings
+      records = [{"answer": a} for a in records]
+    reward = self._reward_fn()
 
     def gen(flat):
       return llada_jax.parallel.sharded_generate(
@@ -808,19 +846,38 @@ class Trainer:
           max_post_steps=e.max_post_steps)
 
     def score(row, response):
-      return reward(self.tokenizer.decode(response), answers[row // e.group_size])
+      return reward(self.tokenizer.decode(response), records[row // e.group_size])
 
     flat, responses, rewards = ebpo_lib.rollout(gen, prompts, e.group_size, score)
     adv = ebpo_lib.group_advantages(rewards).reshape(-1)
-    batch = ebpo_lib.build_batch(flat, responses, cfg.data.seq_len, self.tokenizer.pad_id)
+    scored = responses
+    if cfg.data.get("eos_padding", "none") == "block":  # the decoded block after the EOS too
+      scored = [ebpo_lib.eos_pad(p, r, block, self.tokenizer.eos_id)
+                for p, r in zip(flat, responses)]
+    batch = ebpo_lib.build_batch(flat, scored, cfg.data.seq_len, self.tokenizer.pad_id)
     batch = sharding.put_rows(tp, batch)
     masks, old = self._old_logprobs(ecfg, batch)(state["params"], batch, key)
     inputs = dict(batch=batch, masks=masks, old=old, adv=sharding.put_rows(tp, adv))
     spec = steps.StepSpec(self.c, ecfg=ecfg, accum=self.accum)
+    per_update = []
     for _ in range(e.updates_per_rollout):
       state, metrics = self.steps(spec, state, inputs, key)
-    metrics = dict(metrics, reward=float(rewards.mean()))
+      per_update.append(metrics)
+    # the first update's ratios are 1 by construction: the later ones show how far it moved
+    last = {k: v for k, v in per_update[-1].items()
+            if k in ("ratio", "ratio_std", "clip_fraction", "live")}
+    metrics = dict(per_update[0], **{f"{k}_last": v for k, v in last.items()},
+                   finite=all(bool(m["finite"]) for m in per_update),
+                   reward=float(rewards.mean()), reward_std=float(rewards.std()),
+                   reward_group_std=float(rewards.std(1).mean()),
+                   response_length=float(np.mean([len(r) for r in responses])))
+    if getattr(source, "skipped", 0):
+      metrics["data_skipped"] = float(source.skipped)
     return state, metrics
+
+  def _reward_fn(self):
+    from llada_jax.train import rewards  # noqa: PLC0415
+    return rewards.get_reward(self.cfg.get("reward", "char_overlap"))
 
   def _old_logprobs(self, ecfg, batch):
     """The jitted rollout-policy log-probs for `ecfg`, outputs split by rows."""
