@@ -7,6 +7,8 @@ def get_config():
   c = pod_config("mini", "bdlm")
   c.data.kind = "sft"
   c.data.seq_len = 2048
+  c.data.block_padding = True  # lengths padded to a multiple of the block, the padding trained
+  c.data.pack = False  # True: several examples per row (grain first-fit packing)
   c.objective.block_length = 32
   c.objective.complementary = True
   c.objective.edit_rate = 0.1

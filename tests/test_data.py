@@ -191,6 +191,107 @@ def test_sft_rows(corpora, train_block_padding):
         "<|assistant|>\n")
 
 
+PACK_CHATS = ([{"prompt": f"q{i} " + "w" * (3 * i % 13), "response": f"a{i} " + "r" * (7 * i % 17)}
+               for i in range(14)]
+              + [{"messages": [{"role": "system", "content": "be brief"},
+                               {"role": "user", "content": "capital of France?"},
+                               {"role": "assistant", "content": "Paris"}]},
+                 {"prompt": "long " * 20, "response": "tail" * 10}])  # truncated to seq_len=128
+
+
+@pytest.fixture(scope="module")
+def chat_corpus(corpora):
+  jl = corpora["root"] / "chats.jsonl"
+  jl.write_text("\n".join(json.dumps(r) for r in [{"text": "plain document"}] + PACK_CHATS
+                          + [{"prompt": "x" * 200, "response": "no room"}]) + "\n")
+  return D.build_dataset(jl, corpora["root"] / "out", name="chats")
+
+
+def _segments(row):
+  """`(start, end)` of each example of a row, checking the row format on the way: segment ids
+  0..k-1 in order, each contiguous, positions restarting at 0; padding elsewhere."""
+  seg, pos = row["segment_ids"], row["positions"]
+  spans = []
+  for s in range(int(seg.max()) + 1):
+    idx = np.nonzero(seg == s)[0]
+    assert len(idx) and (np.diff(idx) == 1).all()  # contiguous
+    assert not spans or idx[0] >= spans[-1][1]  # numbered in order
+    np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))  # restart per example
+    spans.append((int(idx[0]), int(idx[-1]) + 1))
+  pad = seg < 0
+  assert set(seg[~pad].tolist()) == set(range(len(spans)))
+  assert (row["tokens"][pad] == PAD).all() and (pos[pad] == 0).all()
+  assert not row["loss_mask"][pad].any()
+  return spans
+
+
+@pytest.mark.parametrize("train_block_padding", [False, True])
+def test_sft_packing(chat_corpus, train_block_padding):
+  seq_len, block, B = 128, 8, 3
+  kw = dict(split="train", tokenizer=TOK, seq_len=seq_len, batch_size=B, seed=0, kind="sft",
+            block_length=block, shuffle=False, num_epochs=1,
+            train_block_padding=train_block_padding)
+  rows = lambda it: [{k: b[k][r] for k in b} for b in it for r in range(B)]
+  packed_it = D.make_iterator(chat_corpus, pack=True, **kw)
+  assert packed_it.settings["pack"] is True
+  packed = rows(packed_it)
+  unpacked = rows(D.make_iterator(chat_corpus, **kw))
+  example = lambda row, a, b: (tuple(row["tokens"][a:b].tolist()),
+                               tuple(row["loss_mask"][a:b].tolist()))
+  want = sorted(example(r, 0, int((r["segment_ids"] >= 0).sum())) for r in unpacked
+                if (r["segment_ids"] >= 0).any())
+  got, counts = [], []
+  for row in packed:
+    spans = _segments(row)
+    counts.append(len(spans))
+    for a, b in spans:
+      assert a % block == 0  # every example starts a block
+      if train_block_padding:
+        assert (b - a) % block == 0  # and fills its last block (trained padding)
+      got.append(example(row, a, b))
+  # Every example (the truncated one included) is packed once, exactly as its unpacked row.
+  assert sorted(got) == want and len(want) == len(PACK_CHATS)
+  assert max(counts) >= 3 and sum(c > 0 for c in counts) < len(want)  # several per row
+  # The loss mask is on exactly the response + EOS (+ the trained block padding).
+  expected = {}
+  for rec in PACK_CHATS:
+    msgs, response = _chat_parts(rec)
+    prompt = TOK.encode(D.render_prompt(TOK, msgs))
+    ids = (prompt + TOK.encode(response) + [EOS])[:seq_len]
+    expected[tuple(ids)] = len(prompt)
+  assert any(len(ids) == seq_len and ids[-1] != EOS for ids in expected)  # one truncated
+  for tokens, mask in got:
+    (ids, n_prompt), = [(i, p) for i, p in expected.items() if tokens[:len(i)] == i]
+    n = len(ids)
+    assert len(tokens) == (min(seq_len, -(-n // block) * block) if train_block_padding else n)
+    assert set(tokens[n:]) <= {PAD}
+    assert mask == (False,) * n_prompt + (True,) * (len(tokens) - n_prompt)
+
+
+def test_sft_packing_resume(chat_corpus):
+  kw = dict(split="train", tokenizer=TOK, seq_len=128, batch_size=2, seed=3, kind="sft",
+            block_length=8, pack=True, train_block_padding=True)
+  it = D.make_iterator(chat_corpus, **kw)  # shuffled, repeating epochs
+  states, batches = [], []
+  for _ in range(14):  # past an epoch (16 examples, 2-3 per row)
+    states.append(json.dumps(D.iterator_state(it)).encode())
+    batches.append(next(it))
+  assert json.loads(states[0])["settings"]["pack"] is True
+  for k in (0, 3, 8):
+    fresh = D.restore_iterator(D.make_iterator(chat_corpus, **kw), states[k])
+    _assert_same(_take(fresh, 5), batches[k:k + 5])
+  with pytest.raises(ValueError, match="other settings.*pack"):
+    D.make_iterator(chat_corpus, **dict(kw, pack=False)).set_state(states[3])
+  # A state saved before `pack` was a setting restores into an unpacked iterator.
+  old = D.make_iterator(chat_corpus, **dict(kw, pack=False))
+  _take(old, 2)
+  state = D.iterator_state(old)
+  del state["settings"]["pack"]
+  expected = _take(old, 2)
+  fresh = D.restore_iterator(D.make_iterator(chat_corpus, **dict(kw, pack=False)), state)
+  _assert_same(_take(fresh, 2), expected)
+
+
 def test_validation_split_and_idempotent(tmp_path, corpora):
   path = D.build_dataset(corpora["src"], tmp_path, name="code_val", validation_fraction=0.3)
   stamp = os.path.getmtime(os.path.join(path, "dataset_info.json"))
@@ -255,6 +356,8 @@ def test_errors(tmp_path, corpora):
     D.make_iterator(corpora["code"], seq_len=32, **dict(kw, split="test"))
   with raises(ValueError, match="needs chat records"):
     D.make_iterator(corpora["code"], seq_len=32, kind="sft", **kw)
+  with raises(ValueError, match="pack=True is for kind='sft'"):
+    D.make_iterator(corpora["code"], seq_len=32, pack=True, **kw)
   big = tmp_path / "big.jsonl"
   big.write_text(json.dumps({"prompt": "x" * 100, "response": "y"}) + "\n")
   it = D.make_iterator(D.build_dataset(big, tmp_path / "out"), seq_len=32, kind="sft", **kw)
@@ -263,7 +366,7 @@ def test_errors(tmp_path, corpora):
   it = D.make_iterator(corpora["code"], seq_len=32, seed=0, **kw)
   with raises(ValueError, match="other settings"):
     D.make_iterator(corpora["code"], seq_len=32, seed=1, **kw).set_state(it.get_state())
-  assert len(messages) == 10 and all(m and "\n" not in m for m in messages), messages
+  assert len(messages) == 11 and all(m and "\n" not in m for m in messages), messages
 
 
 class _Collect:

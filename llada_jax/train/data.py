@@ -9,10 +9,11 @@ metadata.json, <name>-<split>.array_record-*}`. tfds 4.9.10 writes array_record 
 Reading (`make_iterator`): `tfds.builder_from_directory(path).as_data_source(split)` (the
 random-access `ArrayRecordDataSource` that `tfds.data_source` returns, without the name registry)
 -> `grain.MapDataset` (shard, shuffle per epoch, repeat, tokenise) -> `grain.IterDataset`
-(pretrain: concat-then-split packing with document ids; SFT: one example per row) -> fixed-shape
-numpy batches `{tokens, segment_ids, positions, loss_mask}`. The iterator is a
-`grain.DatasetIterator`: `get_state()`/`set_state()` give exact resumption, and grain's orbax
-handler (`grain.checkpoint.CheckpointSave/CheckpointRestore`) stores it.
+(pretrain: concat-then-split packing with document ids; SFT: one example per row, or several
+first-fit packed with `pack=True`) -> fixed-shape numpy batches `{tokens, segment_ids,
+positions, loss_mask}`. The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()`
+give exact resumption, and grain's orbax handler (`grain.checkpoint.CheckpointSave/
+CheckpointRestore`) stores it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
 _FIELDS = ("text", "prompt", "response", "messages")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _STATE_FORMAT = 1
+# Settings added after states were first saved: a state without one was made with this value.
+_SETTING_DEFAULTS = {"pack": False}
 
 
 # --------------------------------------------------------------------------------- tokenizers
@@ -432,7 +435,9 @@ class _Tokenize:
 
 
 class _FinishPacked:
-  """Concat-then-split output -> the batch row format (0-based segment ids, -1 on padding)."""
+  """Concat-then-split or packing output -> the batch row format (0-based segment ids, -1 on
+  padding; positions restart at 0 per document). Rows without a packed `loss_mask` (pretrain)
+  train every real token."""
 
   def __init__(self, pad_id: int):
     self.pad_id = pad_id
@@ -440,19 +445,23 @@ class _FinishPacked:
   def __call__(self, el):
     seg = el["tokens_segment_ids"].astype(np.int32) - 1
     valid = seg >= 0
+    mask = valid & el["loss_mask"].astype(bool) if "loss_mask" in el else valid
     return {"tokens": np.where(valid, el["tokens"], self.pad_id).astype(np.int32),
             "segment_ids": seg, "positions": np.where(valid, el["tokens_positions"], 0)
-            .astype(np.int32), "loss_mask": valid}
+            .astype(np.int32), "loss_mask": mask}
 
 
 class _SftRow:
   """Chat record -> one row: template(prompt) + response + EOS, truncated to `seq_len`, padded;
   loss only on the response (and, with `train_block_padding`, on the pad tokens up to the next
-  multiple of `block_length`)."""
+  multiple of `block_length`). With `variable_length` (for packing), the example unpadded
+  instead: `{tokens, loss_mask}` of its length (up to EOS, or the block-padded end)."""
 
-  def __init__(self, tokenizer, seq_len: int, block_length: int, train_block_padding: bool):
+  def __init__(self, tokenizer, seq_len: int, block_length: int, train_block_padding: bool,
+               variable_length: bool = False):
     self.tokenizer, self.seq_len, self.block_length = tokenizer, seq_len, block_length
     self.train_block_padding = train_block_padding
+    self.variable_length = variable_length
 
   def __call__(self, rec):
     tok = self.tokenizer
@@ -472,14 +481,17 @@ class _SftRow:
     end = n
     if self.train_block_padding:
       end = min(self.seq_len, -(-n // self.block_length) * self.block_length)
-    tokens = np.full(self.seq_len, tok.pad_id, np.int32)
+    length = end if self.variable_length else self.seq_len
+    tokens = np.full(length, tok.pad_id, np.int32)
     tokens[:n] = ids
+    mask = np.zeros(length, bool)
+    mask[n_prompt:end] = True
+    if self.variable_length:
+      return {"tokens": tokens, "loss_mask": mask}
     seg = np.full(self.seq_len, -1, np.int32)
     seg[:end] = 0
     pos = np.zeros(self.seq_len, np.int32)
     pos[:end] = np.arange(end)
-    mask = np.zeros(self.seq_len, bool)
-    mask[n_prompt:end] = True
     return {"tokens": tokens, "segment_ids": seg, "positions": pos, "loss_mask": mask}
 
 
@@ -566,7 +578,7 @@ class DataIterator(grain.DatasetIterator):
       state = json.loads(state)
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
       raise ValueError("not a llada_jax data iterator state")
-    saved = json.loads(json.dumps(state["settings"]))
+    saved = json.loads(json.dumps({**_SETTING_DEFAULTS, **state["settings"]}))
     mine = json.loads(json.dumps(self.settings))
     if saved != mine:
       diff = {k: (saved.get(k), mine.get(k)) for k in set(saved) | set(mine)
@@ -590,20 +602,31 @@ def make_iterator(data_dir_or_dataset_path: str, *, split: str, tokenizer: TextT
                   seq_len: int, batch_size: int, seed: int = 0, kind: str = "pretrain",
                   block_length: int = 1, shuffle: bool = True, num_epochs: int | None = None,
                   worker_count: int = 0, shard_index: int = 0, shard_count: int = 1,
-                  read_threads: int = 2, train_block_padding: bool = False) -> DataIterator:
+                  read_threads: int = 2, train_block_padding: bool = False,
+                  pack: bool = False) -> DataIterator:
   """A checkpointable iterator of numpy batches `{tokens, segment_ids, positions, loss_mask}`
   (each `[batch_size, seq_len]`; int32, int32, int32, bool).
 
   `kind="pretrain"`: documents (text + EOS) packed back to back into rows, split across rows
   when long; `segment_ids` number the documents of a row from 0 (a split document restarts at
   position 0 in its next row), -1 on the padding of the final row. `kind="sft"`: one chat
-  example per row, loss on the response + EOS only. `num_epochs=None` repeats forever (each
-  epoch reshuffled); a finite run ends with a batch filled up by padding rows.
+  example per row, loss on the response + EOS only (`train_block_padding`: and on the pad
+  tokens up to the next multiple of `block_length`); examples longer than `seq_len` are
+  truncated. `kind="sft", pack=True`: several examples per row, placed by grain's first-fit
+  packing over `batch_size` rows at a time (in order, not reshuffled); each example starts at a
+  multiple of `block_length` (the training layout takes its blocks from the row index, so an
+  example's blocks are those of an unpacked row and no block holds two examples), its
+  `segment_ids` number the examples of the row from 0 and its `positions` restart at 0; the
+  gaps are padding (-1). `num_epochs=None` repeats forever (each epoch reshuffled); a finite
+  run ends with a batch filled up by padding rows.
   `worker_count>0` tokenises in that many processes (the batch order then depends on it).
   `shard_index/shard_count`: this host's share of the documents (e.g. `jax.process_index()`).
   """
   if kind not in ("pretrain", "sft"):
     raise ValueError(f"kind={kind!r}: expected 'pretrain' or 'sft'")
+  if pack and kind != "sft":
+    raise ValueError(f"pack=True is for kind='sft' (kind={kind!r} rows are always packed, "
+                     "documents back to back)")
   if seq_len <= 0 or batch_size <= 0 or block_length <= 0:
     raise ValueError(f"seq_len={seq_len}, batch_size={batch_size}, block_length={block_length} "
                      "must be positive")
@@ -631,7 +654,8 @@ def make_iterator(data_dir_or_dataset_path: str, *, split: str, tokenizer: TextT
   if kind == "pretrain":
     ds = ds.map(_Tokenize(tokenizer))
   else:
-    ds = ds.map(_SftRow(tokenizer, seq_len, block_length, train_block_padding))
+    ds = ds.map(_SftRow(tokenizer, seq_len, block_length, train_block_padding,
+                        variable_length=pack))
   read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(16, batch_size * 4))
   it = ds.to_iter_dataset(read, allow_nones=kind == "sft")
   if kind == "sft":
@@ -642,6 +666,13 @@ def make_iterator(data_dir_or_dataset_path: str, *, split: str, tokenizer: TextT
   if kind == "pretrain":
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
     it = it.map(_FinishPacked(tokenizer.pad_id))
+  elif pack:
+    lengths = {"tokens": seq_len, "loss_mask": seq_len}
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False,
+        pack_alignment_struct={k: block_length for k in lengths},
+        padding_struct={"tokens": tokenizer.pad_id, "loss_mask": False})
+    it = it.map(_FinishPacked(tokenizer.pad_id))
   it = it.batch(batch_size, batch_fn=_PadBatch(batch_size, seq_len, tokenizer.pad_id))
   if worker_count > 0:
     from absl import flags  # grain's workers read its absl flags: use their defaults unless an
@@ -651,5 +682,6 @@ def make_iterator(data_dir_or_dataset_path: str, *, split: str, tokenizer: TextT
   settings = dict(split=split, kind=kind, seq_len=seq_len, batch_size=batch_size, seed=seed,
                   block_length=block_length, shuffle=shuffle, num_epochs=num_epochs,
                   worker_count=worker_count, shard_index=shard_index, shard_count=shard_count,
-                  train_block_padding=train_block_padding, num_records=len(source))
+                  train_block_padding=train_block_padding, pack=pack,
+                  num_records=len(source))
   return DataIterator(iter(it), settings)
