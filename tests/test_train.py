@@ -248,8 +248,10 @@ def _final_state(workdir, step):
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
   """4 micro-batches of 2 rows = one batch of 8 rows (same draws, global normalisers): every
-  metric and the updated params agree to 1e-5, with every term of the objective on (editing
-  stream, MTF drafts, complementary masks, CAP, embedding noise)."""
+  metric agrees to 1e-5 and the updated params to 1e-4, with every term of the objective on
+  (editing stream, MTF drafts, complementary masks, CAP, embedding noise). (Adam's first steps
+  are sign-like: a near-zero gradient's rounding moves its param by up to ~lr; 6.3e-5 at the
+  tests' XLA optimisation level 0, 1.3e-6 at the default level.)"""
   kw = {"data.task": "addition", "optim.schedule": "constant", "optim.warmup_steps": 0,
         "objective.edit_rate": 0.2, "objective.mtf_rate": 0.2, "objective.complementary": True,
         "objective.cap_weight": 0.1, "objective.mask_embed_noise": 0.1, "noise_steps": 10}
@@ -266,7 +268,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         a, b = np.asarray(r4[k], np.float64), np.asarray(v, np.float64)
         assert np.all(np.abs(a - b) <= 1e-5 * np.maximum(np.abs(b), 1.0)), (k, v, r4[k])
   for (name, a), (_, b) in zip(_leaves(one.state["params"]), _leaves(four.state["params"])):
-    assert np.max(np.abs(a - b)) <= 1e-5, name
+    assert np.max(np.abs(a - b)) <= 1e-4, name
 
 
 def _metric_rows(workdir):
