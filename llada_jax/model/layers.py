@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,35 @@ def _einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return jax.lax.platform_dependent(a, b, cpu=up, default=dot)
 
 
+def _grouped(q: jax.Array, kv: int) -> jax.Array:
+  """Queries `[B, Tq, H, d]` as `[B, KV, G * Tq, d]` (G = H // KV query heads per KV head), so
+  that every score and PV product is one plain batched matmul over (B, KV)."""
+  b, tq, h, d = q.shape
+  return q.reshape(b, tq, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, d)
+
+
+def _scores(qg: jax.Array, k: jax.Array, mask: jax.Array, g: int) -> jax.Array:
+  """Scaled, masked float32 scores `[B, KV, G, Tq, S]` of grouped queries against keys
+  `[B, KV, S, d]`; mask `[B, Tq, S]`."""
+  b, kv, gq, d = qg.shape
+  s = _einsum_f32("bkqd,bksd->bkqs", qg, k).reshape(b, kv, g, gq // g, -1)
+  return jnp.where(mask[:, None, None], s * (d ** -0.5), NEG_INF)
+
+
+def _softmax_pv(scores: list, values: list, dtype) -> jax.Array:
+  """softmax over the concatenation of the key segments' `scores` `[B, KV, G, Tq, S_i]`, times
+  their `values` `[B, KV, S_i, d]`, without concatenating: one running max, the exponentials'
+  PV products summed in float32 and divided by the softmax denominator at the end (one pass
+  over the scores fewer than normalising the probabilities). Returns `[B, Tq, H, d]`."""
+  mx = functools.reduce(jnp.maximum, [jnp.max(s, -1, keepdims=True) for s in scores])
+  p = [jnp.exp(s - mx) for s in scores]
+  denom = sum(jnp.sum(x, -1, keepdims=True) for x in p)
+  out = sum(_einsum_f32("bkgqs,bksd->bkgqd", x.astype(dtype), v) for x, v in zip(p, values))
+  b, kv, g, tq, d = out.shape
+  out = (out / denom).astype(dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, kv * g, d)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Grouped-query attention (XLA path).
 
@@ -59,17 +90,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     q: `[B, Tq, H, d]` queries; k, v: `[B, Tk, KV, d]` keys/values; H a multiple of KV
       (query head h uses kv head h // (H // KV)).
     mask: `[B, Tq, Tk]` bool, True where the query may attend the key.
-  Returns: `[B, Tq, H, d]` in q.dtype. Scores and softmax in float32, scale d^-0.5.
+  Returns: `[B, Tq, H, d]` in q.dtype. Scores and softmax in float32, scale d^-0.5; the PV
+  product takes the unnormalised exponentials in q.dtype and is divided by the softmax
+  denominator in float32.
   """
-  b, tq, h, d = q.shape
   kv = k.shape[2]
-  qg = q.reshape(b, tq, kv, h // kv, d)
-  scores = _einsum_f32("bqkgd,bskd->bkgqs", qg, k)
-  scores = scores * (d ** -0.5)
-  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-  return out.reshape(b, tq, h, d)
+  g = q.shape[2] // kv
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  return _softmax_pv([_scores(_grouped(q, kv), kt, mask, g)], [vt], q.dtype)
 
 
 def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -82,19 +110,12 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     cache_k, cache_v: `[B, KV, S, d]` (the cache's layout, `model.kv_cache`); cache_mask
       `[B, Tq, S]`.
   Returns: `[B, Tq, H, d]` in q.dtype. The scores against the cache and against the window are
-  computed separately and concatenated (`[.., Tq, S + Tw]`, not cache-sized in d), one softmax
-  runs over both, and the two PV products are summed in float32.
+  computed separately (the cache is read in place, never copied or concatenated) and share one
+  softmax (`_softmax_pv`).
   """
-  b, tq, h, d = q.shape
   kv = k.shape[2]
-  qg = q.reshape(b, tq, kv, h // kv, d)
-  scale = d ** -0.5
-  s_cache = _einsum_f32("bqkgd,bksd->bkgqs", qg, cache_k)
-  s_win = _einsum_f32("bqkgd,bskd->bkgqs", qg, k)
-  s_cache = jnp.where(cache_mask[:, None, None], s_cache * scale, NEG_INF)
-  s_win = jnp.where(mask[:, None, None], s_win * scale, NEG_INF)
-  probs = jax.nn.softmax(jnp.concatenate([s_cache, s_win], axis=-1), axis=-1).astype(q.dtype)
-  n = cache_k.shape[2]
-  out = (_einsum_f32("bkgqs,bksd->bqkgd", probs[..., :n], cache_v)
-         + _einsum_f32("bkgqs,bskd->bqkgd", probs[..., n:], v))
-  return out.astype(q.dtype).reshape(b, tq, h, d)
+  g = q.shape[2] // kv
+  qg = _grouped(q, kv)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  return _softmax_pv([_scores(qg, cache_k, cache_mask, g), _scores(qg, kt, mask, g)],
+                     [cache_v, vt], q.dtype)
