@@ -201,3 +201,38 @@ def test_fixture_generate_first_runs_exact(gold, impl):
     r = llada_jax.generate(gold.params, gold.config, [gold.prompt], moe_impl=impl,
                            **run_kwargs(gold, run))
     assert r.output_ids[0] == expected_output(gold, run) and r.nfe[0] == run["nfe"]
+
+
+@pytest.mark.parametrize("impl", ["tile_loop", "auto_local", "dense", "ragged"])
+def test_experts_read_in_place_from_the_stack(impl):
+  """`moe_block(..., layer=i)` on the stacked `[L, E, ...]` experts (what decoding's
+  `forward_core(experts_in_place=True)` runs) equals the block on layer i's own slice, bit for
+  bit: in-place implementations index the stack, the others get the layer sliced out."""
+  c = llada_jax.tiny_config(num_hidden_layers=4, first_k_dense_replace=1)
+  params = llada_jax.init_params(c, jax.random.PRNGKey(0))
+  stack = params["moe"]
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, c.hidden_size))
+  for i in range(c.num_moe_layers):
+    layer = jax.tree.map(lambda a: a[i], stack)
+    p = {**layer, "experts": stack["experts"]}
+    got = jax.jit(lambda p, x, i: moe.moe_block(p, x, c, impl=impl, layer=i)[0])(p, x, i)
+    want = jax.jit(lambda p, x: moe.moe_block(p, x, c, impl=impl)[0])(layer, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_forward_with_experts_in_place_is_the_same_forward():
+  """The decode path's forward (experts read in place from the layer stack) returns the same
+  logits and K/V as the differentiable forward that scans over sliced layers."""
+  from llada_jax import masks
+  from llada_jax.model.transformer import forward_core
+  c = llada_jax.tiny_config(num_hidden_layers=3)
+  params = llada_jax.init_params(c, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, c.vocab_size - 2)
+  pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+  lay = masks.block_causal(pos, 4)
+  run = lambda in_place: jax.jit(functools.partial(
+      forward_core, c=c, moe_impl="auto_local", experts_in_place=in_place))(
+          params, tokens=tokens, positions=pos, layout=lay)
+  a, b = run(False), run(True)
+  np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
+  np.testing.assert_array_equal(np.asarray(a.kv["moe"]["k"]), np.asarray(b.kv["moe"]["k"]))

@@ -232,9 +232,11 @@ def _eos_in(canvas_pos_tokens, lo, hi, eos_id):
 
 
 def _window_forward_fn(c: ModelConfig, spec: StaticSpec):
-  """`forward_core` with the spec's implementations (row-mapped when batch-invariant)."""
+  """`forward_core` with the spec's implementations (row-mapped when batch-invariant), the
+  routed experts' weights read in place from their stacks (nothing here is differentiated)."""
   return _row_mapped(functools.partial(forward_core, attention_impl=spec.attention_impl,
-                                       moe_impl=spec.moe_impl), spec.batch_invariant)
+                                       moe_impl=spec.moe_impl, experts_in_place=True),
+                     spec.batch_invariant)
 
 
 def prefill_kv(params, c: ModelConfig, spec: StaticSpec, tokens: jax.Array,

@@ -138,16 +138,25 @@ def _tile_loop_ffn(c, xs, tile_expert, tile_row, tile_valid, num_tiles, gate, up
   return _tile_loop_fwd(c, xs, tile_expert, tile_row, tile_valid, num_tiles, gate, up, down)[0]
 
 
-def _tile_loop_fwd(c, xs, tile_expert, tile_row, tile_valid, num_tiles, gate, up, down):
+def _expert_weight(w: jax.Array, ex: jax.Array, layer) -> jax.Array:
+  """Expert `ex`'s matrix of `w` `[E, ...]`, or of layer `layer` of a stack `[L, E, ...]` (read
+  in place from the stack: a scan over layers that sliced the layer out first would copy all
+  of its experts' weights every call)."""
+  if layer is None:
+    return jax.lax.dynamic_index_in_dim(w, ex, keepdims=False)
+  start = (layer, ex) + (0,) * (w.ndim - 2)
+  return jax.lax.dynamic_slice(w, start, (1, 1) + w.shape[2:]).reshape(w.shape[2:])
+
+
+def _tile_loop_fwd(c, xs, tile_expert, tile_row, tile_valid, num_tiles, gate, up, down,
+                   layer=None):
   d = xs.shape[1]
   dtype = jnp.result_type(xs.dtype, gate.dtype, up.dtype, down.dtype)
 
   def body(i, ys):
     ex, row = tile_expert[i], tile_row[i]
     xt = jax.lax.dynamic_slice_in_dim(xs, row, c)
-    g = jax.lax.dynamic_index_in_dim(gate, ex, keepdims=False)
-    u = jax.lax.dynamic_index_in_dim(up, ex, keepdims=False)
-    dn = jax.lax.dynamic_index_in_dim(down, ex, keepdims=False)
+    g, u, dn = (_expert_weight(w, ex, layer) for w in (gate, up, down))
     yt = (_swiglu_parts(xt, g, u)[2] @ dn).astype(dtype)
     return jax.lax.dynamic_update_slice_in_dim(ys, yt, row, 0)
 
@@ -193,23 +202,35 @@ def _tile_loop_bwd(c, res, dys):
 _tile_loop_ffn.defvjp(_tile_loop_fwd, _tile_loop_bwd)
 
 
-def experts_tile_loop(x: jax.Array, idx: jax.Array, gate, up, down, *, tile: int | None = None
-                      ) -> jax.Array:
+def experts_tile_loop(x: jax.Array, idx: jax.Array, gate, up, down, *, tile: int | None = None,
+                      layer=None) -> jax.Array:
   """Dropless sorted tiles run one at a time: `[N, D]`, `[N, K]` -> `[N, K, D]`.
 
   Copies are sorted by expert and each expert's run is cut into tiles of `tile` rows (default:
   `tile_rows`); a loop over the tiles in use reads each used expert's weights once per tile and
   runs three `[C, D] x [D, F]`-sized matmuls. Work: the copies plus each used expert's last-tile
-  padding; no work for unused experts. The fastest dropless path on CPU (see `experts_auto`)."""
+  padding; no work for unused experts. The fastest dropless path on CPU (see `experts_auto`).
+  `layer` (an int32 scalar): gate/up/down are the stacks `[L, E, ...]` of every layer and the
+  tiles read layer `layer`'s experts in place (inference only: not differentiable)."""
   n, k = idx.shape
-  e, d, f = gate.shape
+  e, d, f = gate.shape[-3:]
   if n * k == 0:
-    return experts_dense(x, idx, gate, up, down)
+    return experts_dense(x, idx, *_layer_of((gate, up, down), layer))
   c = min(tile or tile_rows(n, k, e), n)
   order, inverse, te, row, valid, num = _tile_plan(idx, e, c)
   xs = jnp.concatenate([x[order // k], jnp.zeros((c, x.shape[1]), x.dtype)])
-  ys = _tile_loop_ffn(c, xs, te, row, valid, num, gate, up, down)
+  if layer is None:
+    ys = _tile_loop_ffn(c, xs, te, row, valid, num, gate, up, down)
+  else:
+    ys = _tile_loop_fwd(c, xs, te, row, valid, num, gate, up, down, layer)[0]
   return ys[inverse].reshape(n, k, -1)
+
+
+def _layer_of(weights: tuple, layer) -> tuple:
+  """The `[E, ...]` matrices of layer `layer` of stacked weights (all of `weights` when None)."""
+  if layer is None:
+    return weights
+  return tuple(jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in weights)
 
 
 def experts_bucketed(x: jax.Array, idx: jax.Array, gate, up, down, *, tile: int | None = None
@@ -324,20 +345,27 @@ def _choose(n, k, e, d, f, itemsize, backend) -> tuple[str, int | None]:
   return name, costs[name][1]
 
 
-def experts_auto(x: jax.Array, idx: jax.Array, gate, up, down) -> jax.Array:
+def experts_auto(x: jax.Array, idx: jax.Array, gate, up, down, *, layer=None) -> jax.Array:
   """`moe_impl="auto_local"`: the dropless implementation `choose_experts` picks for the static
-  shapes (trace time), so a decode window and a prefill of the same model may differ."""
+  shapes (trace time), so a decode window and a prefill of the same model may differ. `layer`:
+  stacked weights, as `experts_tile_loop` (other choices slice the layer out first)."""
   n, k = idx.shape
-  e, d, f = gate.shape
+  e, d, f = gate.shape[-3:]
   name, c = choose_experts(n, k, e, d, f, jnp.dtype(gate.dtype).itemsize)
+  if name in IN_PLACE_EXPERTS:
+    return EXPERT_IMPLS[name](x, idx, gate, up, down, tile=c, layer=layer)
+  weights = _layer_of((gate, up, down), layer)
   if c is not None:
-    return EXPERT_IMPLS[name](x, idx, gate, up, down, tile=c)
-  return EXPERT_IMPLS[name](x, idx, gate, up, down)
+    return EXPERT_IMPLS[name](x, idx, *weights, tile=c)
+  return EXPERT_IMPLS[name](x, idx, *weights)
 
 
 # impl(x [N, D], idx [N, K], gate [E, D, F], up [E, D, F], down [E, F, D]) -> [N, K, D]
 EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense, "tile_loop": experts_tile_loop,
                 "bucketed": experts_bucketed, "auto_local": experts_auto}
+
+# Implementations that take `layer=` and stacked `[L, E, ...]` weights (read in place).
+IN_PLACE_EXPERTS = {"tile_loop", "auto_local"}
 
 # Implementations that also weight and sum the K expert outputs of each token (expert
 # parallelism: the tokens travel to their experts and come back combined):
@@ -372,20 +400,28 @@ def _load_experts(impl: str) -> None:
 
 
 def moe_block(p: dict, x: jax.Array, c: ModelConfig, *, impl: str = "ragged",
-              return_stats: bool = False):
+              return_stats: bool = False, layer=None):
   """MoE FFN on `[B, T, D]` activations; returns (output `[B, T, D]`, router logits, idx), plus
-  load-balance stats (`tokens_per_expert` [E], `dropped` []) when `return_stats`."""
+  load-balance stats (`tokens_per_expert` [E], `dropped` []) when `return_stats`.
+
+  `layer` (an int32 scalar, inference only): `p["experts"]` holds the stacks `[L, E, ...]` of
+  every MoE layer and this is layer `layer`; implementations in `IN_PLACE_EXPERTS` read its
+  experts in place, the others get the layer sliced out."""
   b, t, d = x.shape
   flat = x.reshape(b * t, d)
   logits, idx, w = route(flat, p["router"]["weight"], p["router"]["expert_bias"], c)
   ex = p["experts"]
   _load_experts(impl)
   stats = None
+  weights = (ex["gate"], ex["up"], ex["down"])
+  if layer is not None and impl not in IN_PLACE_EXPERTS:
+    weights, layer = _layer_of(weights, layer), None
   if impl in COMBINED_EXPERT_IMPLS:
-    y, stats = COMBINED_EXPERT_IMPLS[impl](flat, idx, w, ex["gate"], ex["up"], ex["down"])
+    y, stats = COMBINED_EXPERT_IMPLS[impl](flat, idx, w, *weights)
     y = y.astype(x.dtype)
   else:
-    outs = EXPERT_IMPLS[impl](flat, idx, ex["gate"], ex["up"], ex["down"])
+    kw = {} if layer is None else {"layer": layer}
+    outs = EXPERT_IMPLS[impl](flat, idx, *weights, **kw)
     y = jnp.einsum("nkd,nk->nd", outs.astype(jnp.float32), w).astype(x.dtype)
   if "shared" in p:
     s = p["shared"]

@@ -101,11 +101,13 @@ def _cast(tree: Any, dtype) -> Any:
 
 
 def _layer(c: ModelConfig, kind: str, attention_fn: AttentionFn, moe_impl: str,
-           x, p, cos, sin, q_layout, k_layout, cache_kv):
+           x, p, cos, sin, q_layout, k_layout, cache_kv, expert_layer=None):
   """One decoder layer on x `[B, T, D]`; returns (x, (k, v, router_logits, router_idx)).
 
   `cache_kv`: None, or (cache_k, cache_v `[L, B, KV, S, d]` of the stack, this layer's index,
-  cache_layout) handed to the attention as its cache operands (read in place)."""
+  cache_layout) handed to the attention as its cache operands (read in place).
+  `expert_layer`: None, or this layer's index when `p["experts"]` holds the whole stack (read in
+  place by `moe_block`)."""
   b, t, _ = x.shape
   h_, kv_, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
   eps = c.rms_norm_eps
@@ -129,7 +131,7 @@ def _layer(c: ModelConfig, kind: str, attention_fn: AttentionFn, moe_impl: str,
     m = p["mlp"]
     y, rl, ri = layers.swiglu(h, m["gate"], m["up"], m["down"]), None, None
   else:
-    y, rl, ri = moe_block(p, h, c, impl=moe_impl)
+    y, rl, ri = moe_block(p, h, c, impl=moe_impl, layer=expert_layer)
   return x + y, (k, v, rl, ri)
 
 
@@ -139,7 +141,7 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
                  collect: bool = False, attention_impl: str = "xla",
                  moe_impl: str = "ragged", logits_slice: tuple[int, int] | None = None,
                  embed_delta: jax.Array | None = None, remat: bool = False,
-                 with_hidden: bool = False) -> ForwardOutput:
+                 with_hidden: bool = False, experts_in_place: bool = False) -> ForwardOutput:
   """Runs the model on `tokens` `[B, T]` at absolute `positions` `[B, T]`.
 
   Keys are the cache slots (described by `cache_layout`, `[B, S]`) followed by the tokens
@@ -152,6 +154,10 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
   `remat=True` rematerialises each layer in the backward pass (activation memory ~ one layer).
   `with_hidden=True` also returns the final-normed hidden states `final_hidden` (for a sampler
   fused with the LM head; with `with_logits=False` no logits are computed).
+  `experts_in_place=True` (inference: not differentiable) keeps the routed experts' weights out
+  of the scan over layers: each layer's expert implementation reads its experts from the
+  stacked `[L, E, ...]` arrays by index instead of a per-layer slice (a copy of every expert's
+  weights per layer and call on XLA:CPU). Same results.
   """
   dtype = jnp.dtype(c.dtype)
   p = _cast(params, dtype)
@@ -173,16 +179,22 @@ def forward_core(params: Params, c: ModelConfig, tokens: jax.Array, positions: j
     # layer's attention reads its layer in place, by index.
     stack_cache = None if cache is None else (cache[kind]["k"], cache[kind]["v"])
 
-    def step(x, xs, body=body, stack_cache=stack_cache):
+    layer_params = dict(p[kind])
+    in_place = experts_in_place and kind == "moe"
+    stack_experts = layer_params.pop("experts") if in_place else None
+
+    def step(x, xs, body=body, stack_cache=stack_cache, stack_experts=stack_experts):
       lp, index = xs
       ckv = None if stack_cache is None else (*stack_cache, index, cache_layout)
-      x, (k, v, rl, ri) = body(x, lp, cos, sin, layout, layout, ckv)
+      if stack_experts is not None:
+        lp = {**lp, "experts": stack_experts}
+      x, (k, v, rl, ri) = body(x, lp, cos, sin, layout, layout, ckv,
+                               None if stack_experts is None else index)
       return x, (k, v, rl, ri, x if collect else None)
 
     if remat:
       step = jax.checkpoint(step)
-    layer_params = {n: v for n, v in p[kind].items()}
-    n_layers = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
+    n_layers = jax.tree_util.tree_leaves(p[kind])[0].shape[0]
     x, (k, v, rl, ri, hs) = jax.lax.scan(
         step, x, (layer_params, jnp.arange(n_layers, dtype=jnp.int32)))
     kv[kind] = {"k": k, "v": v}
