@@ -33,9 +33,13 @@ from llada_jax.model.transformer import forward_core
 
 
 def mid_config(args) -> llada_jax.ModelConfig:
+  """A random mid-size LLaDA2: heads of 64 features spanning the hidden size, as in the released
+  models (attention width = hidden size), 4 query heads per KV head."""
+  heads = max(1, args.hidden // 64)
   return llada_jax.tiny_config(
       vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-      num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=4 * args.hidden,
+      num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=64,
+      intermediate_size=4 * args.hidden,
       num_experts=args.experts, num_experts_per_tok=4, n_group=4, topk_group=2,
       moe_intermediate_size=args.hidden // 2, max_position_embeddings=8192,
       pad_token_id=args.vocab - 2, eos_token_id=args.vocab - 2, mask_token_id=args.vocab - 1)
@@ -110,7 +114,8 @@ def step_breakdown(params, c, moe_impl, *, prompt_len, gen, block, mode, repeats
   """Where one decode step's time goes: decodes `gen` tokens after a `prompt_len`-token prompt in
   `mode`, and times at the run's mean context the window forward and its parts alone: the
   attention of every layer against the cache, the MoE blocks, the final norm + LM head, the
-  sampler; the rest of the forward (projections, norms, dense MLP, embedding) is the remainder.
+  sampler; the rest of the forward (projections, norms, dense MLP, embedding) is the remainder;
+  the prompt's prefill and the cache commits are spread over the steps.
   Prints a table in ms per step next to the roofline lower bound of the forward."""
   from llada_jax.decode.update import sample  # noqa: PLC0415
   from llada_jax.model import layers, transformer  # noqa: PLC0415
@@ -150,9 +155,13 @@ def step_breakdown(params, c, moe_impl, *, prompt_len, gen, block, mode, repeats
   attn_s = timed(lambda: attn(q, kw, cache), parts)[1]
   x = jax.random.normal(key, (b, block, c.hidden_size))
   moe_p = params.get("moe")
-  moe = jax.jit(lambda p, x: jax.lax.scan(
-      lambda acc, lp: (acc + moe_block(lp, x, c, impl=moe_impl)[0], None),
-      jnp.zeros_like(x), p)[0])
+  def moe_layers(p, x):  # the experts read in place from their stacks, as decoding runs them
+    rest = {k: v for k, v in p.items() if k != "experts"}
+    ids = jnp.arange(c.num_moe_layers, dtype=jnp.int32)
+    return jax.lax.scan(lambda acc, xs: (acc + moe_block(
+        {**xs[0], "experts": p["experts"]}, x, c, impl=moe_impl, layer=xs[1])[0], None),
+        jnp.zeros_like(x), (rest, ids))[0]
+  moe = jax.jit(moe_layers)
   moe_s = timed(lambda: moe(moe_p, x), parts)[1] if moe_p is not None else 0.0
   head = jax.jit(lambda x, p: jnp.dot(layers.rms_norm(x, p["final_norm"], c.rms_norm_eps),
                                       p["lm_head"]).astype(jnp.float32))
@@ -161,10 +170,20 @@ def step_breakdown(params, c, moe_impl, *, prompt_len, gen, block, mode, repeats
   sampler = jax.jit(lambda lg: sample(lg, None, 0.0, 0, 1.0, greedy=True))
   sample_s = timed(lambda: sampler(logits), parts)[1]
 
+  from llada_jax.decode.api import prompt_bucket  # noqa: PLC0415
+  from llada_jax.model.transformer import forward_core  # noqa: PLC0415
+  full = prompt_len // block * block  # the prompt's full blocks go through the prefill
+  ptoks = jnp.zeros((1, prompt_bucket(prompt_len, block)), jnp.int32)
+  ppos = jnp.arange(ptoks.shape[1], dtype=jnp.int32)[None]
+  play = masks.block_causal(ppos, block, jnp.where(ppos < full, 0, -1))
+  prefill = jax.jit(lambda p: forward_core(p, c, ptoks, ppos, play, with_logits=False,
+                                           moe_impl=moe_impl, experts_in_place=True).kv)
+  prefill_s = timed(lambda: prefill(params), repeats)[1]
+
   per_step = decode_s / nfe
   commits = r.commits * fwd_s / nfe
   rest = fwd_s - attn_s - moe_s - head_s
-  loop = per_step - fwd_s - sample_s - commits
+  loop = per_step - fwd_s - sample_s - commits - prefill_s / nfe
   bw, peak = machine_rates(repeats)
   nbytes, flops = window_work(c, ctx, block)
   bound = max(nbytes / bw, flops / peak)
@@ -176,6 +195,7 @@ def step_breakdown(params, c, moe_impl, *, prompt_len, gen, block, mode, repeats
           ("  rest (projections, norms, dense MLP, embedding)", rest),
           ("sampler (greedy, [1, W, V])", sample_s),
           ("cache commits (per step)", commits),
+          (f"prompt prefill ({prefill_s * 1e3:.0f} ms, per step)", prefill_s / nfe),
           ("loop overhead (remainder)", loop), ("decode step (wall / NFE)", per_step)]
   print(f"{'part':<52} {'ms/step':>8} {'share':>6}")
   for name, sec in rows:
