@@ -109,3 +109,63 @@ def test_dpo_config_needs_pairs_or_a_task(tmp_path):
     validate(c)
   c.data.source = _pairs(tmp_path)
   validate(c)
+
+
+def write_tfds(records, features, data_dir, name):
+  """A prepared tfds array_record dataset (split `train`) of `records`, as a user's own dataset
+  would be: `features` maps each field to "text" or "messages" (a Sequence of role/content)."""
+  import tensorflow_datasets as tfds
+  feats = {k: (tfds.features.Text() if v == "text" else tfds.features.Sequence(
+      {"role": tfds.features.Text(), "content": tfds.features.Text()}))
+      for k, v in features.items()}
+
+  def seq(msgs):
+    return {"role": [m["role"] for m in msgs], "content": [m["content"] for m in msgs]}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(feats))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, r in enumerate(records):
+      yield str(i), {k: (r[k] if features[k] == "text" else seq(r[k])) for k in features}
+
+  attrs = dict(name=name, VERSION=tfds.core.Version("1.0.0"), RELEASE_NOTES={"1.0.0": "test"},
+               _info=_info, _split_generators=_split_generators,
+               _generate_examples=_generate_examples, __module__=__name__, code_path=None)
+  Builder = type(f"_Test_{name}", (tfds.core.GeneratorBasedBuilder,), attrs,
+                 skip_registration=True)
+  tfds.display_progress_bar(False)
+  b = Builder(data_dir=str(data_dir), file_format="array_record")
+  b.download_and_prepare()
+  return str(data_dir / name)
+
+
+def test_pairs_from_a_tfds_dataset_equal_the_same_jsonl(tmp_path):
+  """A prepared tfds (array_record) dataset of preference pairs reads as the same JSONL would
+  (in tfds's order: it shuffles examples by key when writing): text features as strings, a
+  Sequence of role/content as chat messages; a bad record names the dataset, split and index."""
+  msgs = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+  recs = [{"chosen": msgs(f"{i}+1=", str(i + 1)), "rejected": msgs(f"{i}+1=", str(i + 2))}
+          for i in range(6)]
+  conv = write_tfds(recs, {"chosen": "messages", "rejected": "messages"}, tmp_path / "d1",
+                    "conv_pairs")
+  jsonl = tmp_path / "conv.jsonl"
+  jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  canon = lambda pairs: sorted(json.dumps(p, sort_keys=True) for p in pairs)  # tfds reorders
+  assert canon(read_pairs(conv)) == canon(read_pairs(str(jsonl)))
+  plain = [{"prompt": f"{i}*2=", "chosen": str(2 * i), "rejected": str(2 * i + 1)}
+           for i in range(5)]
+  text = write_tfds(plain, {"prompt": "text", "chosen": "text", "rejected": "text"},
+                    tmp_path / "d2", "text_pairs")
+  assert canon(read_pairs(text)) == canon([(r["prompt"], r["chosen"], r["rejected"])
+                                          for r in plain])
+  src = PairSource(text, TOK, seq_len=32, batch_size=2, seed=0)
+  assert src.size == 5
+  bad = write_tfds([{"prompt": "a", "chosen": "", "rejected": "c"}],
+                   {"prompt": "text", "chosen": "text", "rejected": "text"}, tmp_path / "d3",
+                   "bad_pairs")
+  with pytest.raises(InputError, match=r"bad_pairs/1.0.0\[train\]#0: empty chosen answer"):
+    read_pairs(bad)

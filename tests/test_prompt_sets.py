@@ -75,3 +75,22 @@ def test_batches_are_resumable_and_chat_prompts_use_the_template(tmp_path):
     assert f"{i}+1=" in text and (text != f"{i}+1=") == (i % 2 == 0), text  # chat: templated
   with pytest.raises(InputError, match="prompt set had seed=4, this run has 5"):
     b.set_state(dict(a.get_state(), seed=4))
+
+
+def test_prompts_from_a_tfds_dataset(tmp_path):
+  """A prepared tfds dataset of prompts (text `prompt`, chat `messages` as a Sequence of
+  role/content) with answers reads as the JSONL would."""
+  from test_preferences import write_tfds
+  plain = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
+  chat = [{"messages": [{"role": "user", "content": f"{i}+2="}], "answer": str(i + 2)}
+          for i in range(4)]
+  for recs, feats, name in ((plain, {"prompt": "text", "answer": "text"}, "plain_prompts"),
+                            (chat, {"messages": "messages", "answer": "text"}, "chat_prompts")):
+    ds = write_tfds(recs, feats, tmp_path / name, name)
+    jsonl = _write(tmp_path / f"{name}.jsonl", recs)
+    got = {}
+    for path in (ds, jsonl):
+      src = PromptSource(path, TOK, seq_len=64, gen_length=8, batch_size=4, seed=0)
+      ids, rows = src.prompts()
+      got[path] = sorted((TOK.decode(x), r["answer"]) for x, r in zip(ids, rows))
+    assert got[ds] == got[jsonl] and len(got[ds]) == 4

@@ -565,3 +565,21 @@ def test_sft_block_padding_and_packing_are_reachable_from_the_config(tmp_path):
   with pytest.raises(ConfigError, match="data.pack=True packs SFT examples"):
     Trainer(_config(**dict(kw, **{"data.kind": "pretrain"})), str(tmp_path / "x"),
             progress=False)
+
+
+def test_dpo_on_a_tfds_dataset_of_pairs(tmp_path):
+  """configs/tiny_dpo.py with data.source a prepared tfds (array_record) dataset of chat
+  preference pairs: it trains and logs the reward accuracy and margins."""
+  from test_preferences import write_tfds
+  msgs = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+  recs = [{"chosen": msgs(f"{i}+1=", str(i + 1)), "rejected": msgs(f"{i}+1=", str(i + 3))}
+          for i in range(8)]
+  ds = write_tfds(recs, {"chosen": "messages", "rejected": "messages"}, tmp_path / "data",
+                  "pairs")
+  cfg = _load_config_file(os.path.join(ROOT, "configs", "tiny_dpo.py"))
+  with cfg.unlocked():
+    cfg.data.task, cfg.data.source = "", ds
+    cfg.steps, cfg.log_every = 3, 1
+  rows = _metric_rows(_run(tmp_path, "run", cfg))
+  assert len(rows) == 3 and all(
+      {"reward_accuracy", "margin", "chosen_delta"} <= set(r) for r in rows)

@@ -1,10 +1,15 @@
-"""Post-training records from JSONL files, batched by index (preference pairs, prompt sets).
+"""Post-training records from JSONL files or tfds datasets, batched by index (preference pairs,
+prompt sets).
 
 `read_records` parses every record of a JSONL file (or of every `*.jsonl` file of a directory,
-in name order) with a per-record parser. A bad record (invalid JSON, a missing or mistyped field,
-an empty answer, a prompt longer than the context) is one `InputError` naming the file and the
-line (`bad_records="error"`, the default), or is left out and counted (`"skip"`: the count is
-printed once and logged in the metrics as `data_skipped`).
+in name order), or of the `train` split of a prepared tensorflow-datasets dataset (an
+array_record directory with `dataset_info.json`, read without TF as `llada_jax.train.data`
+reads corpora), with a per-record parser. tfds features arrive as plain Python values: text as
+`str`, a `Sequence` of dicts (e.g. chat `messages` with `role` / `content`) as a list of dicts.
+A bad record (invalid JSON, a missing or mistyped field, an empty answer, a prompt longer than
+the context) is one `InputError` naming the file and the line (or the dataset, split and
+index: `DIR[train]#17`) (`bad_records="error"`, the default), or is left out and counted
+(`"skip"`: the count is printed once and logged in the metrics as `data_skipped`).
 
 `IndexedBatches` draws batch i as elements [i*B, (i+1)*B) of a grain `MapDataset` over the parsed
 records, shuffled with the run's seed and repeated epoch after epoch (each epoch reshuffled):
@@ -29,8 +34,56 @@ def jsonl_files(path: str) -> list[str]:
     return [path]
   files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".jsonl")]
   if not files:
-    raise InputError(f"no .jsonl files in {path}")
+    raise InputError(f"no .jsonl files (and no prepared tfds dataset) in {path}")
   return files
+
+
+def tfds_dataset_dir(path: str) -> str | None:
+  """The versioned directory of the prepared tfds dataset at `path` (that directory, a
+  `<data_dir>/<name>` or a `<data_dir>` holding one dataset), or None when `path` is not one."""
+  from llada_jax.train.data import _resolve_dataset_dir  # noqa: PLC0415
+  if not os.path.isdir(path):
+    return None
+  try:
+    return _resolve_dataset_dir(path)
+  except (FileNotFoundError, ValueError):
+    return None
+
+
+def plain(value: Any) -> Any:
+  """A decoded tfds feature as plain Python: bytes -> str, arrays -> lists, a `Sequence` of
+  dicts (a dict of equal-length lists) -> a list of dicts."""
+  import numpy as np  # noqa: PLC0415
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="replace")
+  if isinstance(value, np.ndarray):
+    return [plain(v) for v in value.tolist()] if value.ndim else plain(value.item())
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  if isinstance(value, dict):
+    out = {k: plain(v) for k, v in value.items()}
+    columns = list(out.values())
+    if columns and all(isinstance(v, list) for v in columns) and len(
+        {len(v) for v in columns}) == 1:
+      return [dict(zip(out, row)) for row in zip(*columns)]
+    return out
+  return value
+
+
+def _records(path: str):
+  """(where, raw JSON line or decoded object) of every record of `path`."""
+  ds_dir = tfds_dataset_dir(path)
+  if ds_dir is not None:
+    from llada_jax.train.data import load_source  # noqa: PLC0415
+    source, _ = load_source(ds_dir, "train")
+    for i in range(len(source)):
+      yield f"{ds_dir}[train]#{i}", {k: plain(v) for k, v in source[i].items()}
+    return
+  for file in jsonl_files(path):
+    with open(file, encoding="utf-8", errors="replace") as f:
+      for lineno, line in enumerate(f, 1):
+        if line.strip():
+          yield f"{file}:{lineno}", line
 
 
 def read_records(path: str, parse: Callable[[Any, str], Any], *, what: str,
@@ -38,29 +91,26 @@ def read_records(path: str, parse: Callable[[Any, str], Any], *, what: str,
   """(`parse(obj, "file:line")` of every record, the number of bad records left out).
 
   `parse` raises `InputError` for a bad record (and may return None to drop a record silently).
-  `what` names the records in messages ("preference pairs")."""
+  `what` names the records in messages ("preference pairs"). `path`: JSONL or a tfds dataset
+  (module doc)."""
   if bad_records not in BAD_RECORDS:
     raise InputError(f"data.bad_records {bad_records!r} (choose from {', '.join(BAD_RECORDS)})")
   out, skipped = [], 0
-  for file in jsonl_files(path):
-    with open(file, encoding="utf-8", errors="replace") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{file}:{lineno}"
+  for where, raw in _records(path):
+    try:
+      if isinstance(raw, str):
         try:
-          try:
-            obj = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg})") from None
-          rec = parse(obj, where)
-        except InputError:
-          if bad_records == "error":
-            raise
-          skipped += 1
-          continue
-        if rec is not None:
-          out.append(rec)
+          raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+          raise InputError(f"{where}: invalid JSON ({e.msg})") from None
+      rec = parse(raw, where)
+    except InputError:
+      if bad_records == "error":
+        raise
+      skipped += 1
+      continue
+    if rec is not None:
+      out.append(rec)
   if not out:
     why = f" ({skipped} bad records left out)" if skipped else ""
     raise InputError(f"{path} holds no usable {what}{why}")

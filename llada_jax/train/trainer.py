@@ -188,12 +188,12 @@ def validate(cfg) -> None:
   if cfg.data.source and not os.path.exists(cfg.data.source):
     raise ConfigError(f"data.source {cfg.data.source} does not exist")
   if cfg.stage == "dpo" and not (cfg.data.task or cfg.data.source):
-    raise ConfigError("stage dpo needs data.source (preference pairs: JSONL with prompt, "
-                      f"chosen, rejected) or data.task (one of {sorted(toy_tasks.TASKS)})")
+    raise ConfigError("stage dpo needs data.source (preference pairs: JSONL or a tfds dataset "
+                      f"with prompt, chosen, rejected) or data.task (one of {sorted(toy_tasks.TASKS)})")
   if cfg.stage == "ebpo":
     if not (cfg.data.task or cfg.data.source):
-      raise ConfigError("stage ebpo needs data.source (a prompt set: JSONL with prompt and "
-                        f"answer or tests) or data.task (one of {sorted(toy_tasks.TASKS)})")
+      raise ConfigError("stage ebpo needs data.source (a prompt set: JSONL or a tfds dataset "
+                        f"with prompt and answer or tests) or data.task (one of {sorted(toy_tasks.TASKS)})")
     from llada_jax.train import rewards  # noqa: PLC0415
     try:
       rewards.get_reward(cfg.get("reward", "char_overlap"))
