@@ -583,3 +583,46 @@ def test_dpo_on_a_tfds_dataset_of_pairs(tmp_path):
   rows = _metric_rows(_run(tmp_path, "run", cfg))
   assert len(rows) == 3 and all(
       {"reward_accuracy", "margin", "chosen_delta"} <= set(r) for r in rows)
+
+
+def test_dpo_with_precomputed_reference(tmp_path):
+  """dpo.reference=precomputed: the reference's ELBOs are computed once per pair (a table the
+  steps read; no reference params while training). The table is batch-independent (each pair
+  alone gives the same value: per-record noise, right ids), the first step's policy-minus-
+  reference deltas are 0 up to float rounding of a different batch composition (the step draws
+  each record's noise as the table did: another draw would move an ELBO by whole nats), and the
+  reward margin rises as with the online reference."""
+  from llada_jax.train import dpo as dpo_lib
+  from llada_jax.train.preferences import PairSource
+  cfg = _load_config_file(os.path.join(ROOT, "configs", "tiny_dpo.py"))
+  pairs = _preference_pairs(tmp_path / "pairs.jsonl")
+  with cfg.unlocked():
+    cfg.data.task, cfg.data.source = "", str(pairs)
+    cfg.dpo.reference = "precomputed"
+    cfg.optim.lr, cfg.steps, cfg.log_every = 3e-3, 30, 1
+  trainer = Trainer(cfg, str(tmp_path / "run"), progress=False)
+  rows = _metric_rows(_run(tmp_path, "run", cfg))
+  assert abs(rows[0]["chosen_delta"]) < 1e-3 and abs(rows[0]["rejected_delta"]) < 1e-3, rows[0]
+  margins = [r["margin"] for r in rows]
+  assert np.mean(margins[-3:]) > 1.0, margins
+
+  src = PairSource(str(pairs), trainer.tokenizer, cfg.data.seq_len, cfg.data.batch_size,
+                   cfg.seed)
+  params = trainer._reference_params(trainer._initial_state()["params"])
+  table = trainer._precompute_reference(src, params, cfg.objective.block_length)
+  oc = trainer._objective(cfg.objective.block_length, 0)
+  for i in (0, 3, src.size - 1):  # one pair alone: a batch of 1 row
+    ch, rj = src._pair([src.pairs[i]])
+    noise = dpo_lib.record_noise(trainer._record_key, ch, rj, oc)
+    alone = dpo_lib.reference_elbos(params, trainer.c, ch, rj, noise, oc)
+    np.testing.assert_allclose(table[i], [alone["chosen"][0], alone["rejected"][0]], rtol=1e-5)
+
+
+def test_precomputed_reference_needs_pairs_and_one_block():
+  for reference, words in (("precomputed", "needs data.source"),  # tiny_dpo: a toy task
+                           ("cached", "choose from online, precomputed")):
+    cfg = _load_config_file(os.path.join(ROOT, "configs", "tiny_dpo.py"))
+    with cfg.unlocked():
+      cfg.dpo.reference = reference
+    with pytest.raises(ConfigError, match=words):
+      trainer_lib.validate(cfg)

@@ -60,7 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="cosine", warmup_steps=10, decay_fraction=0.2, final_lr_fraction=0.1,
       weight_decay=0.01, clip=1.0, b1=0.9, b2=0.95))
-  c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
+  # reference: "online" (the frozen reference's ELBOs at every step, with the policy's noise) or
+  # "precomputed" (once per pair before training, with per-record noise: a pair gets the same
+  # draw each epoch, and no reference params stay on the devices; needs data.source).
+  c.dpo = ml_collections.ConfigDict(dict(beta=0.1, reference="online"))
   # EBPO: G rollouts per prompt from our decoder (mode, thresholds: the decode settings; T2T
   # editing off with editing_threshold=1.0), N timesteps per log-ratio with weights w_n (() =
   # equal), the ratio clipped per block, per sequence or as the summed formula

@@ -21,15 +21,45 @@ def dpo_noise(key, chosen: dict, rejected: dict, oc: ObjectiveConfig) -> dict:
   return out
 
 
+def record_noise(key, chosen: dict, rejected: dict, oc: ObjectiveConfig) -> dict:
+  """`dpo_noise` drawn per record instead of per step: row j's ratio t and mask come from
+  `fold_in(key, record id)` (`chosen["record"]` `[B]` int32), so a pair gets the same draw every
+  time it is seen: what a reference ELBO computed once per pair (`dpo.reference="precomputed"`)
+  must share with the policy."""
+  ids = chosen["record"]
+
+  def one(k, trainable):
+    t, masked = sample_mask(k, trainable[None], oc.t_min, oc.t_max)
+    return t[0], masked[0]
+
+  out = {}
+  for salt, (name, batch) in enumerate((("chosen", chosen), ("rejected", rejected))):
+    keys = jax.vmap(lambda i, s=salt: jax.random.fold_in(jax.random.fold_in(key, s), i))(ids)
+    trainable = batch["loss_mask"].astype(bool) & (batch["segment_ids"] >= 0)
+    t, masked = jax.vmap(one)(keys, trainable)
+    out[name] = dict(t=t, masked=masked)
+  return out
+
+
+def reference_elbos(ref_params, c: ModelConfig, chosen: dict, rejected: dict, noise: dict,
+                    oc: ObjectiveConfig) -> dict:
+  """The frozen reference's single-sample ELBOs `{"chosen": [B], "rejected": [B]}` float32."""
+  return {name: jax.lax.stop_gradient(sequence_elbo(
+      ref_params, c, batch, noise[name]["t"], noise[name]["masked"], oc.block_length, **oc.impl))
+      for name, batch in (("chosen", chosen), ("rejected", rejected))}
+
+
 def dpo_sums(params, ref_params, c: ModelConfig, chosen: dict, rejected: dict, noise: dict,
-             num_pairs, oc: ObjectiveConfig, beta: float):
-  """(this batch's share of the loss over `num_pairs` pairs, metric sums)."""
+             num_pairs, oc: ObjectiveConfig, beta: float, ref_elbos: dict | None = None):
+  """(this batch's share of the loss over `num_pairs` pairs, metric sums). `ref_elbos`: the
+  reference's ELBOs of these rows (`reference_elbos`, precomputed) instead of `ref_params`."""
+  if ref_elbos is None:
+    ref_elbos = reference_elbos(ref_params, c, chosen, rejected, noise, oc)
   terms = []
-  for batch, n in ((chosen, noise["chosen"]), (rejected, noise["rejected"])):
+  for name, batch in (("chosen", chosen), ("rejected", rejected)):
+    n = noise[name]
     pol = sequence_elbo(params, c, batch, n["t"], n["masked"], oc.block_length, **oc.impl)
-    ref = jax.lax.stop_gradient(sequence_elbo(ref_params, c, batch, n["t"], n["masked"],
-                                              oc.block_length, **oc.impl))
-    terms.append(pol - ref)
+    terms.append(pol - ref_elbos[name])
   margin = beta * (terms[0] - terms[1])
   loss = -jax.nn.log_sigmoid(margin).sum()
   wins = (margin > 0).astype(jnp.float32).sum()

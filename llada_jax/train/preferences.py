@@ -1,4 +1,5 @@
-"""Preference pairs for ELBO-DPO from JSONL files: `{"prompt", "chosen", "rejected"}` records.
+"""Preference pairs for ELBO-DPO from JSONL files or tfds datasets: `{"prompt", "chosen",
+"rejected"}` records.
 
 Formats (one JSON object per line; the common conventions of preference datasets):
   * plain text: `"prompt"`, `"chosen"`, `"rejected"` strings; the prompt is tokenised as it is;
@@ -14,6 +15,8 @@ by index (exact resume): `llada_jax.train.records`.
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from llada_jax.errors import InputError
 from llada_jax.train.records import IndexedBatches, read_records
@@ -83,8 +86,10 @@ class PairSource:
     self.tok, self.seq_len, self.eos_block = tokenizer, seq_len, eos_block
     pairs, self.skipped = read_records(path, self._tokenise, what="preference pairs",
                                        bad_records=bad_records)
-    self.batches = IndexedBatches(pairs, batch_size, seed, what="preference data")
+    self.pairs = [(i, *pair) for i, pair in enumerate(pairs)]  # (record id, prompt, c, r)
+    self.batches = IndexedBatches(self.pairs, batch_size, seed, what="preference data")
     self.size = self.batches.size
+    self.reference = None  # [records, 2] float32 once `attach_reference` is called
 
   def _tokenise(self, obj, where: str):
     prompt, chosen, rejected = parse_record(obj, where)
@@ -107,11 +112,34 @@ class PairSource:
     return self.tok.encode(prompt if isinstance(prompt, str) else render_prompt(self.tok, prompt))
 
   def next_pair(self) -> tuple[dict, dict]:
+    """The next (chosen, rejected) batches; each row's `record` id, and its reference ELBO
+    `ref_elbo` once `attach_reference` gave them."""
+    return self._pair(self.batches.next_records())
+
+  def _pair(self, recs) -> tuple[dict, dict]:
     from llada_jax.train.ebpo import build_batch  # noqa: PLC0415
-    recs = self.batches.next_records()
-    prompts = [p for p, _, _ in recs]
-    return (build_batch(prompts, [c for _, c, _ in recs], self.seq_len, self.tok.pad_id),
-            build_batch(prompts, [r for _, _, r in recs], self.seq_len, self.tok.pad_id))
+    ids = np.asarray([i for i, *_ in recs], np.int32)
+    prompts = [p for _, p, _, _ in recs]
+    out = []
+    for side, answers in enumerate(([c for *_, c, _ in recs], [r for *_, r in recs])):
+      batch = dict(build_batch(prompts, answers, self.seq_len, self.tok.pad_id), record=ids)
+      if self.reference is not None:
+        batch["ref_elbo"] = self.reference[ids, side]
+      out.append(batch)
+    return tuple(out)
+
+  def ordered_pairs(self, batch_size: int):
+    """Every record once, in file order, as (chosen, rejected) batches of `batch_size` rows (the
+    last one filled up with copies of its last record) and the number of real rows in each."""
+    for lo in range(0, self.size, batch_size):
+      recs = self.pairs[lo:lo + batch_size]
+      yield self._pair(recs + [recs[-1]] * (batch_size - len(recs))), len(recs)
+
+  def attach_reference(self, table: np.ndarray) -> None:
+    """The reference ELBOs `[records, 2]` (chosen, rejected) of every record, by record id."""
+    if table.shape != (self.size, 2):
+      raise ValueError(f"reference table {table.shape} for {self.size} pairs")
+    self.reference = np.asarray(table, np.float32)
 
   def get_state(self) -> dict:
     return self.batches.get_state()

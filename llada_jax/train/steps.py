@@ -143,15 +143,21 @@ def bdlm_step(spec: StepSpec, optimizer, state, batch, key, extra=None, rows_spe
 
 
 def dpo_step(spec: StepSpec, optimizer, state, batch, key, ref_params, rows_spec=None):
-  """ELBO-DPO step on `batch = {"chosen", "rejected"}` against the frozen `ref_params`."""
+  """ELBO-DPO step on `batch = {"chosen", "rejected"}` against the frozen `ref_params`, or,
+  when the batch carries them (`dpo.reference="precomputed"`: each side's `ref_elbo` `[B]` and
+  `record` ids), against the reference ELBOs computed once per pair with the per-record noise
+  of `key` (`dpo.record_noise`; `ref_params` is then None)."""
   c, oc = spec.c, spec.oc
-  noise = dpo_lib.dpo_noise(key, batch["chosen"], batch["rejected"], oc)
+  precomputed = "ref_elbo" in batch["chosen"]
+  noise = (dpo_lib.record_noise if precomputed else dpo_lib.dpo_noise)(
+      key, batch["chosen"], batch["rejected"], oc)
   n = batch["chosen"]["tokens"].shape[0]
 
   def fn(p, d):
     b, nz = d
+    ref = ({k: b[k]["ref_elbo"] for k in ("chosen", "rejected")} if precomputed else None)
     return dpo_lib.dpo_sums(compute_params(p, c), ref_params, c, b["chosen"], b["rejected"], nz,
-                            n, oc, spec.beta)
+                            n, oc, spec.beta, ref_elbos=ref)
 
   loss, sums, grads = accumulate(fn, state["params"], (batch, noise), spec.accum, rows_spec)
   metrics = dict(dpo_lib.dpo_metrics(sums, n),

@@ -48,6 +48,10 @@ from llada_jax.train.objectives import ObjectiveConfig
 from llada_jax.train.run_files import RunMismatch  # noqa: F401  (re-exported)
 
 STAGES = ("bdlm", "dpo", "ebpo")
+# DPO's frozen reference: its ELBOs computed at every step with the policy's noise ("online"),
+# or once per pair before training with per-record noise ("precomputed": no reference params
+# on the devices while training).
+DPO_REFERENCES = ("online", "precomputed")
 DTYPES = ("float32", "bfloat16")
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
 
@@ -190,6 +194,17 @@ def validate(cfg) -> None:
   if cfg.stage == "dpo" and not (cfg.data.task or cfg.data.source):
     raise ConfigError("stage dpo needs data.source (preference pairs: JSONL or a tfds dataset "
                       f"with prompt, chosen, rejected) or data.task (one of {sorted(toy_tasks.TASKS)})")
+  reference = cfg.get("dpo", {}).get("reference", "online")
+  if reference not in DPO_REFERENCES:
+    raise ConfigError(f"dpo.reference {reference!r} (choose from {', '.join(DPO_REFERENCES)})")
+  if cfg.stage == "dpo" and reference == "precomputed":
+    if not cfg.data.source:
+      raise ConfigError("dpo.reference=precomputed needs data.source (a finite set of pairs "
+                        "whose reference ELBOs are computed once); toy tasks use online")
+    if len({block for _, block in block_stages(cfg)}) > 1:
+      raise ConfigError("dpo.reference=precomputed needs one block length for the whole run "
+                        "(the reference ELBOs are computed at it); this run's WSD stages change "
+                        "it")
   if cfg.stage == "ebpo":
     if not (cfg.data.task or cfg.data.source):
       raise ConfigError("stage ebpo needs data.source (a prompt set: JSONL or a tfds dataset "
@@ -702,6 +717,9 @@ class Trainer:
     ref_params = None
     if cfg.stage == "dpo":
       ref_params = self._reference_params(state["params"] if fresh else None)
+      if self._precomputed_reference:
+        source.attach_reference(self._precompute_reference(source, ref_params, block0))
+        ref_params = None  # the table replaces them: no second copy of the model while training
     self._write_run_info(state)
     if jax.process_count() > 1:
       from llada_jax.parallel import distributed  # noqa: PLC0415
@@ -814,6 +832,37 @@ class Trainer:
       return sharding.put_rows(self.tp, next(source))
     return sharding.global_batch(self.tp, next(source), self.cfg.data.batch_size)
 
+  @property
+  def _precomputed_reference(self) -> bool:
+    return self.cfg.get("dpo", {}).get("reference", "online") == "precomputed"
+
+  @property
+  def _record_key(self):
+    """The key of the per-record DPO noise (`dpo.record_noise`), fixed for the run."""
+    return jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 0x7FFFFFFF)
+
+  def _precompute_reference(self, source, ref_params, block: int) -> np.ndarray:
+    """The frozen reference's ELBOs `[pairs, 2]` (chosen, rejected) of every pair, in one pass
+    in batches of data.batch_size, with each record's own noise (on the run's mesh)."""
+    from llada_jax.train import dpo as dpo_lib  # noqa: PLC0415
+    oc, key, b = self._objective(block, 0), self._record_key, self.cfg.data.batch_size
+    fn = jax.jit(lambda rp, ch, rj: dpo_lib.reference_elbos(
+        rp, self.c, ch, rj, dpo_lib.record_noise(key, ch, rj, oc), oc))
+    table = np.zeros((source.size, 2), np.float32)
+    t0, lo = time.perf_counter(), 0
+    if _is_main():
+      print(f"dpo: computing the reference's ELBOs of {source.size} pairs (one pass, batches "
+            f"of {b})", flush=True)
+    with jax.set_mesh(self.tp.mesh):
+      for (chosen, rejected), n in source.ordered_pairs(b):
+        batch = sharding.put_rows(self.tp, dict(chosen=chosen, rejected=rejected))
+        out = llada_jax.parallel.to_host(fn(ref_params, batch["chosen"], batch["rejected"]))
+        table[lo:lo + n] = np.stack([out["chosen"][:n], out["rejected"][:n]], -1)
+        lo += n
+    if _is_main():
+      print(f"dpo: reference ELBOs done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return table
+
   def _step(self, state, source, key, block: int, step: int, ref_params):
     cfg = self.cfg
     oc = self._objective(block, step)
@@ -825,6 +874,8 @@ class Trainer:
       chosen, rejected = source.next_pair()
       batch = sharding.put_rows(self.tp, dict(chosen=chosen, rejected=rejected))
       spec = steps.StepSpec(self.c, oc=oc, beta=float(cfg.dpo.beta), accum=self.accum)
+      if self._precomputed_reference:  # the noise each record's reference ELBO was made with
+        key = self._record_key
       return self.steps(spec, state, batch, key, ref_params)
     return self._ebpo_step(state, source, key, block, step)
 
