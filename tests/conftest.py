@@ -87,3 +87,35 @@ def pytest_configure(config):
   # compilation_cache.put_executable_and_time and get_executable_and_time), with shared and with
   # per-worker cache directories alike.
   jax.config.update("jax_enable_compilation_cache", False)
+
+
+def write_tfds(records, features, data_dir, name):
+  """A prepared tfds array_record dataset (split `train`) of `records`, as a user's own dataset
+  would be: `features` maps each field to "text" or "messages" (a Sequence of role/content)."""
+  import tensorflow_datasets as tfds
+  feats = {k: (tfds.features.Text() if v == "text" else tfds.features.Sequence(
+      {"role": tfds.features.Text(), "content": tfds.features.Text()}))
+      for k, v in features.items()}
+
+  def seq(msgs):
+    return {"role": [m["role"] for m in msgs], "content": [m["content"] for m in msgs]}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(feats))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, r in enumerate(records):
+      yield str(i), {k: (r[k] if features[k] == "text" else seq(r[k])) for k in features}
+
+  attrs = dict(name=name, VERSION=tfds.core.Version("1.0.0"), RELEASE_NOTES={"1.0.0": "test"},
+               _info=_info, _split_generators=_split_generators,
+               _generate_examples=_generate_examples, __module__=__name__, code_path=None)
+  Builder = type(f"_Test_{name}", (tfds.core.GeneratorBasedBuilder,), attrs,
+                 skip_registration=True)
+  tfds.display_progress_bar(False)
+  b = Builder(data_dir=str(data_dir), file_format="array_record")
+  b.download_and_prepare()
+  return str(data_dir / name)

@@ -227,3 +227,18 @@ def test_finish_status_eos_length_and_an_explicit_budget(tiny, recwarn):
   with pytest.warns(llada_jax.decode.api.BudgetWarning):
     short = llada_jax.generate(tiny.params, tiny.config, [tiny.prompt], max_iterations=3, **kw)
   assert short.finish == ["budget"] and short.nfe[0] <= 3
+
+
+def test_prompt_buckets():
+  """Buckets never cut a prompt, pad at most a third of a bucket, grow monotonically, and stay
+  few (two per doubling: one compilation each); block-aligned prompts of 1-4 blocks and of
+  4 or 6 times a power of two blocks (768 tokens at block 32) are not padded at all."""
+  from llada_jax.decode.api import prompt_bucket
+  for bl in (1, 4, 32):
+    sizes = [prompt_bucket(n, bl) for n in range(1, 4096)]
+    assert all(b >= n and b % bl == 0 for n, b in enumerate(sizes, 1))
+    assert all(a <= b for a, b in zip(sizes, sizes[1:]))
+    assert all((b - n) <= b / 3 or b <= 4 * bl for n, b in enumerate(sizes, 1))
+    assert len(set(sizes)) <= 2 * (4096 // bl).bit_length() + 4
+  assert prompt_bucket(768, 32) == 768 and prompt_bucket(96, 32) == 96
+  assert prompt_bucket(769, 32) == 1024 and prompt_bucket(129, 32) == 192

@@ -220,9 +220,11 @@ def test_experts_read_in_place_from_the_stack(impl):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_forward_with_experts_in_place_is_the_same_forward():
+@pytest.mark.parametrize("impl", ["tile_loop", "auto_local"])
+def test_forward_with_experts_in_place_is_the_same_forward(impl):
   """The decode path's forward (experts read in place from the layer stack) returns the same
-  logits and K/V as the differentiable forward that scans over sliced layers."""
+  logits and K/V as the differentiable forward that scans over sliced layers ("tile_loop" reads
+  the stack in place; "auto_local" picks dense at these shapes and slices)."""
   from llada_jax import masks
   from llada_jax.model.transformer import forward_core
   c = llada_jax.tiny_config(num_hidden_layers=3)
@@ -231,7 +233,7 @@ def test_forward_with_experts_in_place_is_the_same_forward():
   pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
   lay = masks.block_causal(pos, 4)
   run = lambda in_place: jax.jit(functools.partial(
-      forward_core, c=c, moe_impl="auto_local", experts_in_place=in_place))(
+      forward_core, c=c, moe_impl=impl, experts_in_place=in_place))(
           params, tokens=tokens, positions=pos, layout=lay)
   a, b = run(False), run(True)
   np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))

@@ -80,7 +80,7 @@ def test_batches_are_resumable_and_chat_prompts_use_the_template(tmp_path):
 def test_prompts_from_a_tfds_dataset(tmp_path):
   """A prepared tfds dataset of prompts (text `prompt`, chat `messages` as a Sequence of
   role/content) with answers reads as the JSONL would."""
-  from test_preferences import write_tfds
+  from conftest import write_tfds
   plain = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
   chat = [{"messages": [{"role": "user", "content": f"{i}+2="}], "answer": str(i + 2)}
           for i in range(4)]

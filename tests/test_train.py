@@ -304,6 +304,11 @@ def test_run_identity_rules(tmp_path):
   ops = _config(mesh="data=2", log_every=7, grad_accum_steps=2, **{"objective.moe_impl": "ep"})
   assert run_files.differences(a, rec(ops)) == []
   assert run_files.differences(a, rec(_config(seed=1))) == ["seed: 0 -> 1"]
+  older = copy.deepcopy(a)  # a run recorded before dpo.reference existed ran it online
+  del older["train"]["dpo"]["reference"]
+  assert run_files.differences(older, a) == []
+  assert run_files.differences(older, rec(_config(**{"dpo.reference": "precomputed"}))) == [
+      "dpo.reference: 'online' -> 'precomputed'"]
   assert set(run_files.differences(a, rec(_config(**{"model.overrides.hidden_size": 32})))) == {
       "model_config.hidden_size: 64 -> 32", "model.overrides.hidden_size: '(unset)' -> 32"}
   run_files.write_json(str(tmp_path / "config.json"), a)
@@ -570,7 +575,7 @@ def test_sft_block_padding_and_packing_are_reachable_from_the_config(tmp_path):
 def test_dpo_on_a_tfds_dataset_of_pairs(tmp_path):
   """configs/tiny_dpo.py with data.source a prepared tfds (array_record) dataset of chat
   preference pairs: it trains and logs the reward accuracy and margins."""
-  from test_preferences import write_tfds
+  from conftest import write_tfds
   msgs = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
   recs = [{"chosen": msgs(f"{i}+1=", str(i + 1)), "rejected": msgs(f"{i}+1=", str(i + 3))}
           for i in range(8)]
@@ -619,10 +624,17 @@ def test_dpo_with_precomputed_reference(tmp_path):
 
 
 def test_precomputed_reference_needs_pairs_and_one_block():
-  for reference, words in (("precomputed", "needs data.source"),  # tiny_dpo: a toy task
-                           ("cached", "choose from online, precomputed")):
+  cases = [(dict(reference="precomputed"), "needs data.source"),  # tiny_dpo: a toy task
+           (dict(reference="precomputed", source=ROOT), "and no data.task"),
+           (dict(reference="precomputed", source=ROOT, task="", wsd=True), "one block length"),
+           (dict(reference="cached"), "choose from online, precomputed")]
+  for case, words in cases:
     cfg = _load_config_file(os.path.join(ROOT, "configs", "tiny_dpo.py"))
     with cfg.unlocked():
-      cfg.dpo.reference = reference
+      cfg.dpo.reference = case["reference"]
+      cfg.data.source = case.get("source", cfg.data.source)
+      cfg.data.task = case.get("task", cfg.data.task)
+      if case.get("wsd"):
+        cfg.wsd.enabled, cfg.wsd.stages = True, ((5, 4), (cfg.steps - 5, 8))
     with pytest.raises(ConfigError, match=words):
       trainer_lib.validate(cfg)

@@ -1,15 +1,26 @@
-"""Decode benchmark: KV-cached decoder vs no-cache recompute, and the loop's own overhead.
+"""Decode benchmark: cache vs recompute, loop overhead, a step's parts, the official generate.
 
-On one random mid-size LLaDA2 checkpoint (default: hidden 512, 8 layers, 16 experts), for each
-prompt context it decodes `--gen-length` tokens with a fixed per-step schedule (LLaDA2.0,
-threshold 1.0, `--steps` per block: every run makes the same number of forwards) and reports:
-  * cached vs recompute wall time (the speed-up of the KV cache of finished blocks);
-  * decode wall time vs (NFE + cache commits) x one cached window forward timed alone, on a
-    prompt shorter than a block (no prefill): the overhead of the loop itself.
+On a random mid-size LLaDA2 checkpoint (default: hidden 512, 8 layers, 16 experts; heads of 64
+features spanning the hidden size), `--sections` picks what runs (default: cache,overhead):
+  cache      for each prompt context, decodes `--gen-length` tokens with a fixed per-step
+             schedule (LLaDA2.0, threshold 1.0, `--steps` per block: every run makes the same
+             forwards): cached vs recompute wall time;
+  overhead   decode wall time vs (NFE + cache commits) x one cached window forward timed alone
+             (a prompt shorter than a block: no prefill): the loop's own cost;
+  breakdown  a `--prompt` + `--breakdown-gen` decode in each of `--modes`, and at its mean
+             context the window forward's parts timed alone (attention, MoE, LM head), the
+             sampler, commits, prefill and the loop, next to the forward's roofline bound
+             (weight and KV bytes at the measured bandwidth, FLOPs at the measured matmul rate);
+  reference  the official `generate` (HF remote code, in the reference environment of
+             `--reference-python` / `--reference-code`, via tools/reference_generate.py) and
+             `llada_jax.generate` on the same checkpoint and prompt, LLaDA2.0 threshold decoding
+             at each of `--reference-thresholds`: NFE, wall time, speed-up, token agreement.
 Compile time is measured separately from run time (best of `--repeats` runs).
 
-  python tools/bench_decode.py [--contexts 128,256,512,1024] [--gen-length 64]
-      [--overhead-gen 256]
+  python tools/bench_decode.py [--sections cache,overhead,breakdown,reference]
+      [--contexts 128,256,512,1024] [--gen-length 64] [--overhead-gen 256] [--moe-impl auto]
+      [--hidden 256 --layers 6 --head-scale 4] [--prompt 768 --breakdown-gen 256]
+      [--reference-python ref/bin/python --reference-code refcode]
 """
 
 from __future__ import annotations
@@ -296,7 +307,7 @@ def main(argv=None):
   p.add_argument("--overhead-gen", type=int, default=256)
   p.add_argument("--moe-impl", default="auto",
                  help="expert implementation (auto: what llada_jax.generate picks here)")
-  p.add_argument("--sections", default="cache,overhead,breakdown",
+  p.add_argument("--sections", default="cache,overhead",
                  help="comma-separated: cache (1), overhead (2), breakdown (3), reference (4)")
   p.add_argument("--prompt", type=int, default=768, help="breakdown: prompt tokens")
   p.add_argument("--breakdown-gen", type=int, default=256, help="breakdown: generated tokens")

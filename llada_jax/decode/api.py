@@ -56,16 +56,15 @@ def finish_status(output_ids: list[int], done: bool, s: DecodeSettings) -> str:
 
 
 def prompt_bucket(max_prompt: int, block_length: int) -> int:
-  """Slots a prompt is padded to (one compilation per bucket): a number of blocks of the form
-  m * 2^j with m in {4, 5, 6, 7} (1, 2 and 3 blocks exactly), i.e. four buckets per doubling and
-  at most 25% padding (a power of two wasted up to half of the prefill and of every later
-  step's cache attention: 768 tokens ran as 1024)."""
+  """Slots a prompt is padded to (one compilation per bucket): 1 to 4 blocks exactly, then a
+  number of blocks 4 * 2^j or 6 * 2^j: two buckets per doubling, at most a third of a bucket
+  padding (a power of two padded up to half: a 768-token prompt ran as 1024)."""
   blocks = max(1, -(-max_prompt // block_length))
   if blocks <= 4:
     return block_length * blocks
   shift = blocks.bit_length() - 3  # 4 <= blocks >> shift < 8
   m = -(-blocks // (1 << shift))
-  return block_length * (m << shift)
+  return block_length * ((4 if m <= 4 else 6 if m <= 6 else 8) << shift)
 
 
 def _check_prompts(prompts, config: ModelConfig, s: DecodeSettings) -> list[list[int]]:

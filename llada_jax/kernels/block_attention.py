@@ -22,7 +22,8 @@ GQA: the `H // KV` query heads that share one KV head are processed together: th
 stacked into the rows of one matmul against the shared K/V tile (which is fetched once).
 
 Numerics: scores and softmax in float32 with scale d^-0.5, probabilities cast to the value dtype
-for the PV matmul, accumulation in float32 (like `model.layers.attention`). A query that sees no
+for the PV matmul, accumulation in float32 (`model.layers.attention` casts the unnormalised
+exponentials instead and divides after PV: equal up to rounding). A query that sees no
 key at all (padding, unwritten window slots) gets an all-zero output and zero gradients (the
 dense reference gives it a uniform, meaningless row instead).
 

@@ -1,8 +1,9 @@
 """Dense references for the kernels (tests and the work-accounting tool).
 
 `attention_reference` is the math of `llada_jax.model.layers.attention` (re-stated here because
-kernel modules import nothing from `llada_jax.model`) with the kernel's convention for rows that
-see no key (zero output). `exact_tile_kinds` classifies tiles from the dense visibility matrix:
+kernel modules import nothing from `llada_jax.model`; it normalises the probabilities before PV,
+as the kernel does, where the model's XLA path divides after PV) with the kernel's convention for
+rows that see no key (zero output). `exact_tile_kinds` classifies tiles from the dense visibility matrix:
 the ground truth that `block_attention.classify_tiles` must approximate conservatively.
 """
 

@@ -74,7 +74,8 @@ def _softmax_pv(scores: list, values: list, dtype) -> jax.Array:
   their `values` `[B, KV, S_i, d]`, without concatenating: one running max, the exponentials'
   PV products summed in float32 and divided by the softmax denominator at the end (one pass
   over the scores fewer than normalising the probabilities). Returns `[B, Tq, H, d]`."""
-  mx = functools.reduce(jnp.maximum, [jnp.max(s, -1, keepdims=True) for s in scores])
+  mx = functools.reduce(jnp.maximum, [jnp.max(s, -1, keepdims=True, initial=NEG_INF)
+                                      for s in scores])
   p = [jnp.exp(s - mx) for s in scores]
   denom = sum(jnp.sum(x, -1, keepdims=True) for x in p)
   out = sum(_einsum_f32("bkgqs,bksd->bkgqd", x.astype(dtype), v) for x, v in zip(p, values))
@@ -110,8 +111,8 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     cache_k, cache_v: `[B, KV, S, d]` (the cache's layout, `model.kv_cache`); cache_mask
       `[B, Tq, S]`.
   Returns: `[B, Tq, H, d]` in q.dtype. The scores against the cache and against the window are
-  computed separately (the cache is read in place, never copied or concatenated) and share one
-  softmax (`_softmax_pv`).
+  computed separately (the cache is never concatenated with the window; a 16-bit cache on CPU is
+  upcast by `_einsum_f32`) and share one softmax (`_softmax_pv`).
   """
   kv = k.shape[2]
   g = q.shape[2] // kv

@@ -175,9 +175,7 @@ def _tile_loop_bwd(c, res, dys):
     xt = jax.lax.dynamic_slice_in_dim(xs, row, c)
     dyt = jax.lax.dynamic_slice_in_dim(dys, row, c)
     dyt = jnp.where(rows < tile_valid[i], dyt, 0)  # rows of the next expert: not this tile's
-    g = jax.lax.dynamic_index_in_dim(gate, ex, keepdims=False)
-    u = jax.lax.dynamic_index_in_dim(up, ex, keepdims=False)
-    dn = jax.lax.dynamic_index_in_dim(down, ex, keepdims=False)
+    g, u, dn = (_expert_weight(w, ex, None) for w in (gate, up, down))
     a, b, h = _swiglu_parts(xt, g, u)
     dh = dyt @ dn.T
     sig = jax.nn.sigmoid(a)

@@ -101,20 +101,24 @@ def prepare(args):
 
 
 def warmup(server) -> None:
-  """Compiles the engine's programs before serving: one short request per prompt bucket (a
-  power-of-two number of blocks up to the max length), so that no first request of a bucket
-  stalls the others while its admission compiles."""
+  """Compiles the engine's programs before serving: one short request per prompt bucket
+  (`llada_jax.decode.api.prompt_bucket`) up to the max length, so that no first request of a
+  bucket stalls the others while its admission compiles."""
   import dataclasses  # noqa: PLC0415
+  from llada_jax.decode.api import prompt_bucket  # noqa: PLC0415
   from llada_jax.serve.engine import Request  # noqa: PLC0415
   e = server.engine
   bl = e.settings.block_length
+  # Prompts of 1 .. (max_length - bl) // bl blocks (room for one generated block); the engine
+  # caps a bucket at the max length, as here.
+  buckets = {n * bl: min(prompt_bucket(n * bl, bl), e.max_length)
+             for n in range(1, (e.max_length - bl) // bl + 1)}
+  sizes = sorted({b: p for p, b in buckets.items()}.values())  # one prompt per bucket
   done = []
-  blocks, n = 1, 0
-  while blocks * bl <= e.max_length - bl:
-    e.submit(Request(prompt_ids=[0] * (blocks * bl), settings=dataclasses.replace(
+  for size in sizes:
+    e.submit(Request(prompt_ids=[0] * size, settings=dataclasses.replace(
         e.settings, gen_length=bl), on_done=done.append))
-    blocks, n = blocks * 2, n + 1
-  while len(done) < n:
+  while len(done) < len(sizes):
     e.step()
 
 

@@ -21,7 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.tokenizer = "bytes"  # "bytes" or a directory holding tokenizer.json
   c.data = ml_collections.ConfigDict(dict(
-      source="",  # text file, directory of text files, or JSONL
+      # text file, directory of text files, or JSONL; for dpo / ebpo also a prepared tfds dataset
+      source="",
       dataset_dir="",  # where the tfds array_record dataset is written ("" = workdir/dataset)
       name="corpus",
       kind="pretrain",  # pretrain (packed documents) | sft (prompt never masked)

@@ -5,7 +5,8 @@ prompt sets).
 in name order), or of the `train` split of a prepared tensorflow-datasets dataset (an
 array_record directory with `dataset_info.json`, read without TF as `llada_jax.train.data`
 reads corpora), with a per-record parser. tfds features arrive as plain Python values: text as
-`str`, a `Sequence` of dicts (e.g. chat `messages` with `role` / `content`) as a list of dicts.
+`str`, a `Sequence` of dicts (e.g. chat `messages` with `role` / `content`) as a list of dicts;
+an empty string or list is a field the record leaves out (tfds stores every feature).
 A bad record (invalid JSON, a missing or mistyped field, an empty answer, a prompt longer than
 the context) is one `InputError` naming the file and the line (or the dataset, split and
 index: `DIR[train]#17`) (`bad_records="error"`, the default), or is left out and counted
@@ -46,16 +47,20 @@ def tfds_dataset_dir(path: str) -> str | None:
     return None
   try:
     return _resolve_dataset_dir(path)
-  except (FileNotFoundError, ValueError):
+  except FileNotFoundError:
     return None
+  except ValueError as e:  # several datasets: say which to pass
+    raise InputError(str(e)) from None
 
 
 def plain(value: Any) -> Any:
-  """A decoded tfds feature as plain Python: bytes -> str, arrays -> lists, a `Sequence` of
-  dicts (a dict of equal-length lists) -> a list of dicts."""
+  """A decoded tfds feature as plain Python: bytes -> str, numpy scalars -> numbers, arrays ->
+  lists, a `Sequence` of dicts (decoded as a dict of equal-length lists) -> a list of dicts."""
   import numpy as np  # noqa: PLC0415
   if isinstance(value, bytes):
     return value.decode("utf-8", errors="replace")
+  if isinstance(value, np.generic):
+    return plain(value.item())
   if isinstance(value, np.ndarray):
     return [plain(v) for v in value.tolist()] if value.ndim else plain(value.item())
   if isinstance(value, (list, tuple)):
@@ -75,9 +80,15 @@ def _records(path: str):
   ds_dir = tfds_dataset_dir(path)
   if ds_dir is not None:
     from llada_jax.train.data import load_source  # noqa: PLC0415
-    source, _ = load_source(ds_dir, "train")
+    try:
+      source, _ = load_source(ds_dir, "train")
+    except ValueError as e:  # no train split
+      raise InputError(str(e)) from None
     for i in range(len(source)):
-      yield f"{ds_dir}[train]#{i}", {k: plain(v) for k, v in source[i].items()}
+      # A tfds record holds every feature: an empty string or list stands for a field the
+      # record leaves out (e.g. no "prompt" where the conversation is in "messages").
+      rec = {k: plain(v) for k, v in source[i].items()}
+      yield f"{ds_dir}[train]#{i}", {k: v for k, v in rec.items() if v not in ("", [])}
     return
   for file in jsonl_files(path):
     with open(file, encoding="utf-8", errors="replace") as f:

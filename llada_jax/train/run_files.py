@@ -21,6 +21,9 @@ OPERATIONAL = ("workdir", "export_hf", "log_every", "eval_every", "eval_batches"
                "keep", "debug_kill_at_step",
                "debug_term_at_step", "data.dataset_dir", "mesh", "rules", "grad_accum_steps",
                "objective.attention_impl", "objective.moe_impl", "objective.remat")
+# Identity keys added after runs were first written: a run written before one of them ran with
+# this value (so resuming it is not a mismatch).
+ADDED = {"dpo.reference": "online"}
 # What an explicit warm start moves aside (into `superseded/<time>/`) before starting over.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", RUN_INFO_NAME, CONFIG_NAME)
 
@@ -57,6 +60,9 @@ def _operational(key: str) -> bool:
 def differences(old: dict, new: dict) -> list[str]:
   """`key: old -> new` for every identity key that differs (operational keys ignored)."""
   a, b = _flatten(old), _flatten(new)
+  for k, v in ADDED.items():
+    for flat in (a, b):
+      flat.setdefault("train." + k, v)
   out = []
   for k in sorted(set(a) | set(b)):
     if not _operational(k) and a.get(k) != b.get(k):

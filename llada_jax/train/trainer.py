@@ -198,9 +198,10 @@ def validate(cfg) -> None:
   if reference not in DPO_REFERENCES:
     raise ConfigError(f"dpo.reference {reference!r} (choose from {', '.join(DPO_REFERENCES)})")
   if cfg.stage == "dpo" and reference == "precomputed":
-    if not cfg.data.source:
+    if cfg.data.task or not cfg.data.source:
       raise ConfigError("dpo.reference=precomputed needs data.source (a finite set of pairs "
-                        "whose reference ELBOs are computed once); toy tasks use online")
+                        "whose reference ELBOs are computed once) and no data.task; toy tasks "
+                        "use online")
     if len({block for _, block in block_stages(cfg)}) > 1:
       raise ConfigError("dpo.reference=precomputed needs one block length for the whole run "
                         "(the reference ELBOs are computed at it); this run's WSD stages change "
@@ -843,9 +844,11 @@ class Trainer:
 
   def _precompute_reference(self, source, ref_params, block: int) -> np.ndarray:
     """The frozen reference's ELBOs `[pairs, 2]` (chosen, rejected) of every pair, in one pass
-    in batches of data.batch_size, with each record's own noise (on the run's mesh)."""
+    in batches of a training micro-batch (data.batch_size / grad_accum_steps rows: what fits
+    the devices), with each record's own noise (on the run's mesh)."""
     from llada_jax.train import dpo as dpo_lib  # noqa: PLC0415
-    oc, key, b = self._objective(block, 0), self._record_key, self.cfg.data.batch_size
+    oc, key = self._objective(block, 0), self._record_key
+    b = self.cfg.data.batch_size // self.accum
     fn = jax.jit(lambda rp, ch, rj: dpo_lib.reference_elbos(
         rp, self.c, ch, rj, dpo_lib.record_noise(key, ch, rj, oc), oc))
     table = np.zeros((source.size, 2), np.float32)
