@@ -17,7 +17,8 @@ preference pairs, each against an lr=0 control with the same seeds.
 4. ELBO-DPO from `base` on `pairs.jsonl`, and its lr = 0 control.
 5. Every model is measured on 256 held-out prompts (`bench_sort@test`, never in the data files):
    greedy accuracy in Quality mode, and the accuracy of temperature-1 samples (4 seeds).
-Writes `experiments/results/post_training.{json,md}` and `post_training.png`.
+Writes `experiments/results/post_training.{json,md}` and `post_training.png` (with `--task`
+another benchmark task, e.g. `bench_add2`: `post_training_bench_add2.*`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from llada_jax.train.data import ByteTokenizer  # noqa: E402
 
 OUT = os.path.join(ROOT, "out", "post_training")
 RESULTS = os.path.join(ROOT, "experiments", "results")
-TASK = "bench_sort"
+TASK = "bench_sort"  # --task: any of toy_tasks.BENCHMARK but bench_pick (two right answers)
+TASK_TEXT = {"bench_sort": "sort 3-6 digits", "bench_add2": "add two 2-digit numbers",
+             "bench_rev": "reverse 3-6 letters"}
+REWARD = {"bench_rev": "exact_match"}  # else math: the response's final number
 BLOCK, SEQ, GEN = 8, 32, 8
 BYTE_IDS = dict(vocab_size=264, eos_token_id=256, pad_token_id=257, mask_token_id=258)
 MODEL = dict(BYTE_IDS, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -70,10 +74,10 @@ def _base_config(stage: str, steps: int, lr: float):
   return c
 
 
-def sft_config(steps: int, task: str = f"{TASK}@train"):
+def sft_config(steps: int, task: str = ""):
   c = _base_config("bdlm", steps, 3e-3)
   c.optim.schedule = "cosine"
-  c.data.task = task
+  c.data.task = task or f"{TASK}@train"
   c.data.eos_padding = "block"
   c.log_every = 25
   return c
@@ -100,7 +104,7 @@ def dpo_config(steps: int, lr: float, base: str, pairs: str):
 
 # ---- data files ---------------------------------------------------------------------------------
 def swap_two(answer: str, rng: random.Random) -> str:
-  """The answer with two different digits swapped (a plausible wrong sort)."""
+  """The answer with two different characters swapped (a plausible wrong answer)."""
   idx = [(i, j) for i in range(len(answer)) for j in range(i + 1, len(answer))
          if answer[i] != answer[j]]
   i, j = rng.choice(idx)
@@ -193,19 +197,20 @@ def write_markdown(path: str, summary: dict, base_eval: dict, meta: dict) -> Non
   lines = [
       "# Post-training in miniature: EBPO (verifiable reward) and ELBO-DPO (preference pairs)",
       "",
-      f"`python experiments/post_training.py --sft-steps {meta['sft_steps']} --rl-steps "
+      f"`python experiments/post_training.py{'' if TASK == 'bench_sort' else ' --task ' + TASK} "
+      f"--sft-steps {meta['sft_steps']} --rl-steps "
       f"{meta['rl_steps']} --dpo-steps {meta['dpo_steps']}` ({hardware_line(meta['hardware'])}; "
       f"{meta['total_s']:.0f} s in all).",
       "",
-      f"Base model: {meta['sft_steps']} SFT steps on `{TASK}@train` (sort 3-6 digits). Data "
+      f"Base model: {meta['sft_steps']} SFT steps on `{TASK}@train` ({TASK_TEXT[TASK]}). Data "
       f"files: `prompts.jsonl` ({meta['n_prompts']} prompts with answers), `pairs.jsonl` "
-      f"({meta['n_pairs']} pairs: the sorted digits vs two digits swapped). Held-out: "
+      f"({meta['n_pairs']} pairs: the right answer vs two of its characters swapped). Held-out: "
       f"{meta['n_test']} `{TASK}@test` prompts (none in the data files). Controls: the same run "
       "with lr = 0 (same data order, rollout and noise seeds).",
       "",
       "## EBPO (G = 8, Quality rollouts at temperature 1)",
       "",
-      f"From the base on `prompts.jsonl` with `reward=math`, lr {meta['rl_lr']:g}, 2 updates per "
+      f"From the base on `prompts.jsonl` with `reward={REWARD.get(TASK, 'math')}`, lr {meta['rl_lr']:g}, 2 updates per "
       "rollout, per-block clipped ratios.",
       "",
       "| run | reward, steps 1-10 | reward, last 10 | clip fraction (2nd update) | live rows "
@@ -233,7 +238,7 @@ def write_markdown(path: str, summary: dict, base_eval: dict, meta: dict) -> Non
                  f"{r['greedy_accuracy']:.3f} | {r['sampled_accuracy']:.3f} |")
   lines += ["", f"Base model, held out: greedy accuracy {base_eval['greedy_accuracy']:.3f}, "
             f"sampled accuracy {base_eval['sampled_accuracy']:.3f}.", "",
-            "![curves](post_training.png)", ""]
+            f"![curves]({meta['stem']}.png)", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
@@ -268,6 +273,7 @@ def plot(runs: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
+  global OUT, RESULTS, TASK
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--sft-steps", type=int, default=300)
   ap.add_argument("--rl-steps", type=int, default=60)
@@ -276,7 +282,14 @@ def main(argv=None) -> int:
   ap.add_argument("--dpo-lr", type=float, default=1e-4)
   ap.add_argument("--n-test", type=int, default=256)
   ap.add_argument("--base-only", action="store_true", help="train and measure the base model")
+  ap.add_argument("--task", default=TASK, choices=sorted(TASK_TEXT))
+  ap.add_argument("--workdir", default=None, help="runs and data files (default out/post_training"
+                  "[_TASK])")
+  ap.add_argument("--results", default=RESULTS, help="where the tables and the plot go")
   args = ap.parse_args(argv)
+  TASK = args.task
+  stem = "post_training" if TASK == "bench_sort" else f"post_training_{TASK}"
+  OUT, RESULTS = args.workdir or os.path.join(ROOT, "out", stem), args.results
   optional.require_or_exit("matplotlib.pyplot", "the post-training plot")
   os.makedirs(OUT, exist_ok=True)
   os.makedirs(RESULTS, exist_ok=True)
@@ -291,26 +304,27 @@ def main(argv=None) -> int:
   print(f"[base] held out: {evals['base']}", flush=True)
   if args.base_only:
     return 0
+  reward = REWARD.get(TASK, "math")
   runs = {
-      "ebpo": run("ebpo", ebpo_config(args.rl_steps, args.rl_lr, base["hf"], prompts)),
-      "ebpo_lr0": run("ebpo_lr0", ebpo_config(args.rl_steps, 0.0, base["hf"], prompts)),
+      "ebpo": run("ebpo", ebpo_config(args.rl_steps, args.rl_lr, base["hf"], prompts, reward)),
+      "ebpo_lr0": run("ebpo_lr0", ebpo_config(args.rl_steps, 0.0, base["hf"], prompts, reward)),
       "dpo": run("dpo", dpo_config(args.dpo_steps, args.dpo_lr, base["hf"], pairs)),
       "dpo_lr0": run("dpo_lr0", dpo_config(args.dpo_steps, 0.0, base["hf"], pairs)),
   }
   for name, r in runs.items():
     evals[name] = evaluate(r["hf"], examples, tok)
     print(f"[{name}] held out: {evals[name]}", flush=True)
-  meta = dict(hardware=hardware(), sft_steps=args.sft_steps, rl_steps=args.rl_steps,
+  meta = dict(hardware=hardware(), stem=stem, task=TASK, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
               dpo_steps=args.dpo_steps, rl_lr=args.rl_lr, dpo_lr=args.dpo_lr,
               n_test=len(examples), n_prompts=512, n_pairs=512,
               total_s=time.perf_counter() - t0, base_seconds=base["seconds"])
   summary = summarise(runs, evals, meta)
-  with open(os.path.join(RESULTS, "post_training.json"), "w") as f:
+  with open(os.path.join(RESULTS, f"{stem}.json"), "w") as f:
     json.dump(dict(meta=meta, base=evals["base"], summary=summary,
                    curves={n: r["rows"] for n, r in runs.items()}), f, indent=1)
-  write_markdown(os.path.join(RESULTS, "post_training.md"), summary, evals["base"], meta)
-  plot(runs, os.path.join(RESULTS, "post_training.png"))
-  print(open(os.path.join(RESULTS, "post_training.md")).read())
+  write_markdown(os.path.join(RESULTS, f"{stem}.md"), summary, evals["base"], meta)
+  plot(runs, os.path.join(RESULTS, f"{stem}.png"))
+  print(open(os.path.join(RESULTS, f"{stem}.md")).read())
   return 0
 
 
