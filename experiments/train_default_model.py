@@ -10,7 +10,12 @@ Steps, all with this package's own pipeline:
   2. tokenizer: byte-level BPE (`tokenizers`, vocabulary 2048) with mask / EOS / chat tokens and
      a chat template;
   3. training: AR pretraining (block 1) -> WSD conversion to block diffusion (4 -> 32 -> whole
-     sequence -> 32) -> the LLaDA2.1 M2T + T2T editing objective (configs `configs/code_*.py`);
+     sequence -> 32) -> the LLaDA2.1 M2T + T2T editing objective -> the same objective on a mix
+     of the standard library and generated everyday Python (`experiments/python_idioms.py`,
+     16000 modules; its held-out identifiers never appear) -> CAP, the confidence loss that
+     lets the decoder fill several tokens per forward (configs `configs/code_*.py`); the CAP
+     stage is also trained with CAP weights 0, 0.5 and 2.0 (`CAP_CONTROLS`; 2.0 is dFactory's
+     recommended `confidence_beta`) to measure what CAP buys and costs;
   4. export: bf16 HF checkpoint + tokenizer into `llada_jax/assets/default_model` (with
      `--install`), which `python -m llada_jax.decode` uses when no --checkpoint is given.
 """
@@ -33,6 +38,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 VOCAB = 2048
 CHUNK_CHARS = 1500
+IDIOM_DOCS = 16000
+# The CAP stage again with other CAP weights (--cap-control), to measure what CAP buys and costs.
+CAP_CONTROLS = (("code_cap_off", 0.0), ("code_cap_beta05", 0.5), ("code_cap_beta2", 2.0))
+STDLIB_STAGES = ("code_ar", "code_wsd", "code_edit")
 
 
 def stdlib_files() -> tuple[list[str], list[str]]:
@@ -88,6 +97,26 @@ def stage_corpus(files: list[str], out: str) -> str:
   return out
 
 
+def stage_mix(workdir: str, corpus: str) -> str:
+  """`workdir/mix`: the standard-library documents and `IDIOM_DOCS` generated modules (hard
+  links, so nothing is copied), one corpus directory."""
+  sys.path.insert(0, ROOT)
+  from experiments import python_idioms
+  mix = os.path.join(workdir, "mix")
+  if os.path.isdir(mix):
+    return mix
+  idioms = python_idioms.write_corpus(os.path.join(workdir, "idioms"), IDIOM_DOCS, seed=0)
+  tmp = mix + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  for sub, src in (("stdlib", corpus), ("idioms", idioms)):
+    os.makedirs(os.path.join(tmp, sub))
+    for f in sorted(os.listdir(src)):
+      os.link(os.path.join(src, f), os.path.join(tmp, sub, f))
+  os.replace(tmp, mix)
+  print(f"mix: {len(os.listdir(corpus))} standard-library and {IDIOM_DOCS} generated documents")
+  return mix
+
+
 def train_tokenizer(files: list[str], out_dir: str) -> str:
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   path = os.path.join(out_dir, "tokenizer.json")
@@ -127,9 +156,13 @@ def load_config(name: str):
 
 
 def run_stage(name: str, workdir: str, corpus: str, tok_dir: str, ids: dict, init_from: str,
-              scale: float) -> str:
+              scale: float, config: str = "", **overrides) -> str:
+  """Trains stage `name` (config `configs/{config or name}.py`, objective keys `overrides`)
+  from `init_from` and exports it to `workdir/{name}_hf`, unless that already exists."""
   from llada_jax.train.trainer import Trainer
-  cfg = load_config(name)
+  cfg = load_config(config or name)
+  for k, v in overrides.items():
+    setattr(cfg.objective, k, v)
   cfg.data.source = corpus
   cfg.data.dataset_dir = os.path.join(workdir, "dataset")
   cfg.tokenizer = tok_dir
@@ -174,6 +207,8 @@ def main(argv=None):
   p.add_argument("--workdir", default=os.path.join(ROOT, "out", "default_model"))
   p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
   p.add_argument("--install", action="store_true", help="install into llada_jax/assets")
+  p.add_argument("--cap-control", action=argparse.BooleanOptionalAction, default=True,
+                 help="also train the CAP stage with the weights of CAP_CONTROLS")
   args = p.parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
   train, held = stdlib_files()
@@ -184,8 +219,15 @@ def main(argv=None):
   tok_dir = train_tokenizer(train, os.path.join(args.workdir, "tokenizer"))
   ids = special_ids(tok_dir)
   ckpt = ""
-  for stage in ("code_ar", "code_wsd", "code_edit"):
+  for stage in STDLIB_STAGES:
     ckpt = run_stage(stage, args.workdir, corpus, tok_dir, ids, ckpt, args.scale)
+  mix = stage_mix(args.workdir, corpus)
+  idioms = run_stage("code_idioms", args.workdir, mix, tok_dir, ids, ckpt, args.scale)
+  if args.cap_control:
+    for name, weight in CAP_CONTROLS:
+      run_stage(name, args.workdir, mix, tok_dir, ids, idioms, args.scale, config="code_cap",
+                cap_weight=weight)
+  ckpt = run_stage("code_cap", args.workdir, mix, tok_dir, ids, idioms, args.scale)
   if args.install:
     install(ckpt)
   return 0

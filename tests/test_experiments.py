@@ -98,3 +98,43 @@ def test_corpus_pieces_cut_at_blank_lines_and_join_back():
   for p in pieces[:-1]:
     assert len(p) >= 300 and (p.endswith("\n\n") or len(p) >= 900)
   assert any(p.endswith("\n\n") for p in pieces) and max(map(len, pieces)) < 950
+
+
+def test_idiom_corpus_is_python_and_keeps_its_held_out_words_out_of_training():
+  import re
+
+  from experiments import python_idioms
+  train = python_idioms.documents(300, seed=0)
+  held = python_idioms.documents(50, seed=1, split="held_out")
+  assert train == python_idioms.documents(300, seed=0) and train != python_idioms.documents(
+      300, seed=1)
+  for doc in train + held:
+    compile(doc, "<idiom>", "exec")
+  words = lambda docs: set(re.findall(r"[a-z]+", " ".join(docs).lower()))
+  held_out = set(python_idioms.HELD_OUT)
+  assert not words(train) & held_out
+  assert len(words(held) & held_out) > len(held_out) // 2
+  assert any(d.count("def __init__") for d in train) and any("Args:" in d for d in train)
+
+
+@pytest.mark.slow
+def test_post_training_experiment_runs_end_to_end(tmp_path):
+  """`experiments/post_training.py` in miniature (a few steps each): the data files, the base
+  model, EBPO / DPO and their lr = 0 controls, the held-out evaluation, the tables and the plot."""
+  pytest.importorskip("matplotlib")
+  from experiments import post_training
+  res = tmp_path / "results"
+  assert post_training.main(["--sft-steps", "4", "--rl-steps", "3", "--dpo-steps", "3",
+                             "--n-test", "8", "--workdir", str(tmp_path / "work"),
+                             "--results", str(res)]) == 0
+  rec = json.loads((res / "post_training.json").read_text())
+  assert set(rec["summary"]) == {"ebpo", "ebpo_lr0", "dpo", "dpo_lr0"}
+  for name, s in rec["summary"].items():
+    assert 0.0 <= s["greedy_accuracy"] <= 1.0 and np.isfinite(s["first10"]), (name, s)
+  assert len(rec["curves"]["ebpo"]) == 3 and len(rec["curves"]["dpo"]) == 3
+  # the lr = 0 control does not move: its policy equals its reference (margin 0 at every step)
+  assert all(abs(r["margin"]) < 1e-5 for r in rec["curves"]["dpo_lr0"])
+  md = (res / "post_training.md").read_text()
+  assert "| ebpo_lr0 |" in md and "| dpo |" in md and (res / "post_training.png").stat().st_size
+  with open(tmp_path / "work" / "prompts.jsonl") as f:
+    assert all({"prompt", "answer"} <= set(json.loads(line)) for line in f)
