@@ -135,17 +135,20 @@ def test_embedded_model_completes_code_and_chat_is_opt_in(capsys):
   assert text.startswith("def f(x):") and "-- " in text and "nfe" in text
 
 
-def test_embedded_model_acceptance_speedy_uses_fewer_forwards(capsys):
-  """The README's first command: Python-looking text from the shipped model, and Speedy mode
-  (lower thresholds, editing) decodes the same 128 tokens in fewer forwards than Quality."""
-  nfe = {}
+def test_embedded_model_acceptance_more_than_one_token_per_forward(capsys):
+  """The README's first command: Python-looking text from the shipped model; Quality fills more
+  than one token per forward and Speedy (lower thresholds, editing) at least two, in fewer
+  forwards than Quality (issue 18's acceptance on this prompt; the held-out prompt sets are
+  measured by experiments/code_model_eval.py)."""
+  out = {}
   for mode in ("quality", "speedy"):
     assert main(["--mode", mode, "--prompt", "def fibonacci(n):", "--format", "json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert len(out["output_ids"]) == 128 and out["tpf"] == pytest.approx(128 / out["nfe"])
-    assert "self" in out["text"] and "return" in out["text"] and "    " in out["text"]
-    nfe[mode] = out["nfe"]
-  assert nfe["speedy"] < nfe["quality"], nfe
+    out[mode] = json.loads(capsys.readouterr().out)
+    assert len(out[mode]["output_ids"]) == 128
+    assert out[mode]["tpf"] == pytest.approx(128 / out[mode]["nfe"])
+    assert "return" in out[mode]["text"] and "\n    " in out[mode]["text"]
+  assert out["quality"]["tpf"] > 1 and out["speedy"]["tpf"] >= 2, out
+  assert out["speedy"]["nfe"] < out["quality"]["nfe"]
 
 
 def test_logits_tool_reproduces_fixture(gold, tmp_path):
