@@ -5,8 +5,9 @@ masked positions the model already gets right, weight `cap_weight`, dFactory's `
 sharper predictions where the model is right, so that more of them pass the decoding threshold
 in one forward. `experiments/train_default_model.py` also trains the same stage with weights 0,
 0.5 and 2.0 to measure what CAP buys and costs: 1.0 is the smallest of those that reaches two
-tokens per forward in Speedy mode on held-out prompts; dFactory's recommended 2.0 fills more
-but degrades the text (`experiments/results/code_model.md`).
+tokens per forward in Speedy mode on the held-out idiom prompts (chosen on the same prompts the
+README reports); dFactory's recommended 2.0 fills more but degrades the text
+(`experiments/results/code_model.md`).
 """
 
 from llada_jax.train.defaults import base_config

@@ -26,7 +26,7 @@ def get_config():
   c.optim.lr = 6e-4
   c.optim.warmup_steps = 20
   c.optim.schedule = "cosine"
-  c.steps = 1200
+  c.steps = 3000
   c.log_every = 20
-  c.ckpt_every = 200
+  c.ckpt_every = 500
   return c

@@ -3,9 +3,11 @@
   python experiments/code_model_eval.py [--workdir out/default_model] [--chunks 48]
 
 Reads the stage checkpoints written by `experiments/train_default_model.py` (`code_ar_hf`, ...,
-`code_cap_hf`, and the CAP control `code_cap_off_hf`) and two held-out sets never trained on:
+`code_idioms_hf`, `code_cap_hf` and the CAP stage with other weights: `code_cap_off_hf`,
+`code_cap_beta05_hf`, `code_cap_beta2_hf`; missing ones are skipped) and two held-out sets:
 the standard-library modules of `held_out_files.json` ("stdlib") and generated modules whose
-identifiers never occur in training ("idioms", `experiments/python_idioms.py`). Per stage and
+identifier words never occur in the generated training modules ("idioms",
+`experiments/python_idioms.py`, split held_out). Per stage and
 set, on `--chunks` windows of 128 tokens:
 
   ar_nll        nats/token of next-token prediction (block 1, every token masked: the exact
@@ -18,7 +20,8 @@ set, on `--chunks` windows of 128 tokens:
 Then it decodes, in Quality and Speedy modes (64 new tokens, block 32), two prompt sets: held-out
 generated modules cut after their first `def`/`class` line, and held-out standard-library
 prefixes of 24 tokens plus "def fibonacci(n):", with the model before the idiom stages
-(`code_edit`), the CAP control and the shipped bf16 asset: NFE, TPF, edits
+(`code_edit`), `code_idioms`, the CAP runs and the shipped bf16 asset (code_cap): NFE, TPF, edits,
+similarity to the true continuation
 (`experiments/harness.py` conventions). Writes `experiments/results/code_model.{json,md}` (with
 the CAP on/off table) and `code_model_training.png` (every stage's loss curves from its
 `metrics.jsonl`).
@@ -110,8 +113,8 @@ def likelihoods(params, c, windows: np.ndarray, draws: int, seed: int, batch: in
 
 
 def idiom_prompts(n: int) -> tuple[list[str], list[str]]:
-  """(prompts, their true continuations): held-out generated modules (identifiers never trained
-  on), each cut after its first `def` / `class` line: the model is asked to write the body."""
+  """(prompts, their true continuations): held-out generated modules (identifier words not in
+  the generated training modules), each cut after its first `def` / `class` line: the model is asked to write the body."""
   from experiments import python_idioms
   prompts, rest = [], []
   for doc in python_idioms.documents(n, seed=1, split="held_out"):
@@ -132,7 +135,7 @@ def agreement(text: str, reference: str) -> tuple[float, int]:
 
 
 def idiom_windows(tok, n: int) -> np.ndarray:
-  """`[n, WINDOW]` token windows of held-out generated modules (seed 2, never trained on)."""
+  """`[n, WINDOW]` token windows of held-out generated modules (seed 2)."""
   from experiments import python_idioms
   ids: list[int] = []
   eos = tok.token_to_id("<|endoftext|>")
@@ -236,8 +239,9 @@ def write_markdown(path: str, rec: dict) -> None:
            f"Hardware: {hardware_line(rec['hardware'])}.", "",
            f"Held-out data (never trained on): **stdlib**, {rec['n_windows']} windows of {WINDOW} "
            f"tokens from the standard-library modules {', '.join(rec['held_out_modules'])}; "
-           f"**idioms**, {rec['n_windows']} windows of generated modules whose identifiers "
-           "never occur in training (`experiments/python_idioms.py`, split held_out). Negative "
+           f"**idioms**, {rec['n_windows']} windows of generated modules whose identifier words "
+           "never occur in the generated training modules and which hold no algorithm units "
+           "(`experiments/python_idioms.py`, split held_out). Negative "
            f"ELBOs use {rec['draws']} mask draws per window. All numbers are nats per token.", "",
            "| stage | stdlib AR NLL | stdlib block-32 -ELBO | stdlib MDLM -ELBO | "
            "idioms AR NLL | idioms block-32 -ELBO |",
@@ -270,8 +274,9 @@ def write_markdown(path: str, rec: dict) -> None:
   if len(caps) > 1:
     lines += ["", "## CAP on / off", "",
               "The same CAP stage (`configs/code_cap.py`: same start `code_idioms`, data, seed and "
-              "steps) with CAP weights (`objective.cap_weight`, dFactory's `confidence_beta`) 0, "
-              "the shipped one and 2.0. TPF and similarity to the true continuation "
+              "steps) with several CAP weights (`objective.cap_weight`, dFactory's "
+              "`confidence_beta`); the shipped run is measured as the bf16 asset, the others as "
+              "their fp32 checkpoints. TPF and similarity to the true continuation "
               "(difflib ratio; idioms / stdlib) per mode; likelihoods in nats/token:", "",
               "| run | CAP weight | TPF idioms Q / S | TPF stdlib Q / S | similarity idioms Q / S "
               "| similarity stdlib Q / S | stdlib AR NLL | stdlib block-32 -ELBO | idioms block-32 "

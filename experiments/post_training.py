@@ -3,6 +3,8 @@ preference pairs, each against an lr=0 control with the same seeds.
 
   python experiments/post_training.py [--sft-steps 300] [--rl-steps 60] [--dpo-steps 60]
 
+With `--task` (bench_add2, bench_rev) the same on another benchmark task, with its own result
+files; `bench_rev` is rewarded by exact match. The steps, for the default `bench_sort`:
 1. `base`: a small byte-level LLaDA2 MoE model (the miniature benchmark's widths) trained by the
    `Trainer` for `--sft-steps` steps on `bench_sort@train` (sort 3-6 digits), few enough that
    its sampled answers are right about half of the time: the regime where RL has signal.
@@ -43,8 +45,8 @@ from llada_jax.train import toy_tasks  # noqa: E402
 from llada_jax.train.data import ByteTokenizer  # noqa: E402
 
 OUT = os.path.join(ROOT, "out", "post_training")
-RESULTS = os.path.join(ROOT, "experiments", "results")
-TASK = "bench_sort"  # --task: any of toy_tasks.BENCHMARK but bench_pick (two right answers)
+RESULTS = DEFAULT_RESULTS = os.path.join(ROOT, "experiments", "results")
+TASK = DEFAULT_TASK = "bench_sort"  # --task: any of toy_tasks.BENCHMARK but bench_pick (two right answers)
 TASK_TEXT = {"bench_sort": "sort 3-6 digits", "bench_add2": "add two 2-digit numbers",
              "bench_rev": "reverse 3-6 letters"}
 REWARD = {"bench_rev": "exact_match"}  # else math: the response's final number
@@ -282,10 +284,10 @@ def main(argv=None) -> int:
   ap.add_argument("--dpo-lr", type=float, default=1e-4)
   ap.add_argument("--n-test", type=int, default=256)
   ap.add_argument("--base-only", action="store_true", help="train and measure the base model")
-  ap.add_argument("--task", default=TASK, choices=sorted(TASK_TEXT))
+  ap.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASK_TEXT))
   ap.add_argument("--workdir", default=None, help="runs and data files (default out/post_training"
                   "[_TASK])")
-  ap.add_argument("--results", default=RESULTS, help="where the tables and the plot go")
+  ap.add_argument("--results", default=DEFAULT_RESULTS, help="where the tables and the plot go")
   args = ap.parse_args(argv)
   TASK = args.task
   stem = "post_training" if TASK == "bench_sort" else f"post_training_{TASK}"

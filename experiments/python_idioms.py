@@ -7,8 +7,10 @@ built from templates of the idioms real code repeats: a class storing its constr
 with `__repr__` and a property, a function with a Google-style docstring around a filter / count /
 sum / lookup / file loop, a catalogue of small algorithms (fibonacci, gcd, binary search, ...),
 and `main()` with its `__name__` guard. Names are drawn from word lists; the words of `HELD_OUT`
-never appear in the training split, so held-out documents (split `held_out`) use identifiers the
-model never saw, and only the structure is shared. This is the low-entropy code a 2-core CPU can
+never appear in the generated training split (the standard-library corpus the model also reads
+may use some of them as ordinary words), and held-out documents (split `held_out`) have no
+algorithm units, so their code names things in ways the generated training modules never do and
+only the structure is shared. This is the low-entropy code a 2-core CPU can
 learn to high confidence, which is what lets block diffusion fill several tokens per forward.
 """
 
@@ -180,20 +182,23 @@ def unit_main(r: random.Random, nouns) -> str:
       "    sys.exit(main())"])
 
 
-def document(r: random.Random, nouns) -> str:
+def document(r: random.Random, nouns, algorithms: bool = True) -> str:
+  """One module; `algorithms=False` leaves out the catalogue of small algorithms (whose text
+  does not depend on the nouns, so a held-out document must not contain them)."""
   imports = sorted(r.sample(IMPORTS, r.randint(1, 3)), key=lambda s: (s.startswith("from"), s))
-  units = [r.choice((unit_class, unit_function, unit_function, unit_algorithm))(r, nouns)
-           for _ in range(r.randint(2, 4))]
+  kinds = (unit_class, unit_function, unit_function) + ((unit_algorithm,) if algorithms else ())
+  units = [r.choice(kinds)(r, nouns) for _ in range(r.randint(2, 4))]
   if r.random() < 0.25:
     units.append(unit_main(r, nouns))
   return "\n".join(imports) + "\n\n\n" + "\n\n\n".join(units) + "\n"
 
 
 def documents(n: int, seed: int, split: str = "train") -> list[str]:
-  """`n` generated modules; split "held_out" names things only with `HELD_OUT` words."""
+  """`n` generated modules; split "held_out" names things only with `HELD_OUT` words and has no
+  algorithm units (their text is the same in every split)."""
   nouns = [w for w in NOUNS if w not in HELD_OUT] if split == "train" else list(HELD_OUT)
   r = random.Random(f"{split}:{seed}")
-  return [document(r, nouns) for _ in range(n)]
+  return [document(r, nouns, algorithms=split == "train") for _ in range(n)]
 
 
 def write_corpus(out: str, n: int, seed: int = 0, split: str = "train") -> str:

@@ -114,6 +114,10 @@ def test_idiom_corpus_is_python_and_keeps_its_held_out_words_out_of_training():
   held_out = set(python_idioms.HELD_OUT)
   assert not words(train) & held_out
   assert len(words(held) & held_out) > len(held_out) // 2
+  # every held-out document names things with held-out words (in plurals and CamelCase too)
+  assert all(any(w in d.lower() for w in held_out) for d in held)
+  # ... and none holds an algorithm unit (the same text in every split)
+  assert not any(f"def {name}(" in d for d in held for name in python_idioms.ALGORITHMS)
   assert any(d.count("def __init__") for d in train) and any("Args:" in d for d in train)
 
 
