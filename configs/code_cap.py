@@ -10,28 +10,14 @@ README reports); dFactory's recommended 2.0 fills more but degrades the text
 (`experiments/results/code_model.md`).
 """
 
-from llada_jax.train.defaults import base_config
+from llada_jax.train.defaults import code_model_config
 
 
 def get_config():
-  c = base_config()
-  c.data.kind = "pretrain"
-  c.data.name = "idiom_mix"
-  c.data.seq_len = 128
-  c.data.batch_size = 8
-  c.objective.block_length = 32
-  c.objective.t_min = 0.1
-  c.objective.t_max = 1.0
-  c.objective.edit_rate = 0.1
-  c.objective.mtf_rate = 0.0
-  c.objective.edit_weight = 1.0
-  c.objective.keep_weight = 1.0
-  c.objective.cap_weight = 1.0  # confidence_beta (dFactory recommends 2.0: see below)
+  c = code_model_config("idiom_mix")
+  c.objective.cap_weight = 1.0  # confidence_beta (dFactory recommends 2.0: see above)
   c.optim.lr = 3e-4
-  c.optim.warmup_steps = 20
-  c.optim.schedule = "cosine"
   c.steps = 1000
   c.seed = 1  # another data order than code_idioms
-  c.log_every = 20
   c.ckpt_every = 200
   return c

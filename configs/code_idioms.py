@@ -7,26 +7,12 @@ predictable (block diffusion then fills several tokens per forward) without forg
 standard library. Same M2T + T2T objective as `code_edit`.
 """
 
-from llada_jax.train.defaults import base_config
+from llada_jax.train.defaults import code_model_config
 
 
 def get_config():
-  c = base_config()
-  c.data.kind = "pretrain"
-  c.data.name = "idiom_mix"
-  c.data.seq_len = 128
-  c.data.batch_size = 8
-  c.objective.block_length = 32
-  c.objective.t_min = 0.1
-  c.objective.t_max = 1.0
-  c.objective.edit_rate = 0.1
-  c.objective.mtf_rate = 0.0
-  c.objective.edit_weight = 1.0
-  c.objective.keep_weight = 1.0
+  c = code_model_config("idiom_mix")
   c.optim.lr = 6e-4
-  c.optim.warmup_steps = 20
-  c.optim.schedule = "cosine"
   c.steps = 3000
-  c.log_every = 20
   c.ckpt_every = 500
   return c

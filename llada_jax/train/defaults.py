@@ -118,6 +118,32 @@ def tiny_byte_config(stage: str = "bdlm") -> ml_collections.ConfigDict:
   return c
 
 
+def code_model_config(corpus: str = "stdlib_code", *, editing: bool = True
+                      ) -> ml_collections.ConfigDict:
+  """What the default code model's stages (`configs/code_*.py`) share: the corpus `corpus`
+  (`stdlib_code` or `idiom_mix`) in rows of 128 tokens, 8 per batch, block 32, t in [0.1, 1],
+  warmup 20, logs every 20 steps; with `editing` the LLaDA2.1 mixed objective (10% of the
+  visible tokens corrupted with random ids, `edit_weight` = `keep_weight` = 1, no MTF: its
+  self-drafts cost a second forward) on a cosine schedule."""
+  c = base_config()
+  c.data.kind = "pretrain"
+  c.data.name = corpus
+  c.data.seq_len = 128
+  c.data.batch_size = 8
+  c.objective.block_length = 32
+  c.objective.t_min = 0.1
+  c.objective.t_max = 1.0
+  c.optim.warmup_steps = 20
+  c.log_every = 20
+  if editing:
+    c.objective.edit_rate = 0.1
+    c.objective.mtf_rate = 0.0
+    c.objective.edit_weight = 1.0
+    c.objective.keep_weight = 1.0
+    c.optim.schedule = "cosine"
+  return c
+
+
 def pod_config(size: str, stage: str) -> ml_collections.ConfigDict:
   """A TPU-pod config for the full-size models (`size` mini or flash), bf16, remat, from an HF
   checkpoint given with --config.init_from and a corpus with --config.data.source."""
