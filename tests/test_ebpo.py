@@ -106,3 +106,52 @@ def test_eos_pad_fills_the_answers_block():
   assert E.eos_pad([1, 2, 3], [7, 9], 4, 9) == [7, 9, 9, 9, 9]  # 3 + 2 tokens -> two blocks
   assert E.eos_pad([1, 2], [7, 9], 4, 9) == [7, 9]  # already ends on a block boundary
   assert E.eos_pad([1, 2, 3], [7, 8], 4, 9) == [7, 8]  # cut at its length: no EOS, no padding
+
+
+def _trainable(b=6, length=40, start=8):
+  t = np.zeros((b, length), bool)
+  t[:, start:] = True
+  t[1, 30:] = False  # one rollout of the group is shorter
+  return jnp.asarray(t)
+
+
+def test_independent_masks_differ_between_rows_and_stay_on_trainable_positions():
+  trainable = _trainable()
+  t, m = E.timestep_masks(jax.random.PRNGKey(0), trainable, 4)
+  assert t.shape == (4, 6) and m.shape == (4, 6, 40)
+  assert not bool((m & ~trainable[None]).any())
+  t_np = np.asarray(t)
+  for n in range(4):  # stratified: t_n in (n/N, (n+1)/N]
+    assert ((t_np[n] > n / 4) & (t_np[n] <= (n + 1) / 4)).all()
+  assert len({np.asarray(m[1, i]).tobytes() for i in range(6)}) == 6
+
+
+def test_group_noise_masks_the_same_positions_in_every_rollout_of_a_prompt():
+  trainable = _trainable()
+  cfg = E.EBPOConfig(group_size=3, num_timesteps=2, noise="group")
+  t, m = cfg.draw_masks(jax.random.PRNGKey(1), trainable)
+  t, m = np.asarray(t), np.asarray(m)
+  both = np.asarray(trainable[0] & trainable[1])
+  for g in (0, 3):  # groups of 3 consecutive rows
+    np.testing.assert_array_equal(t[:, g], t[:, g + 1])
+    np.testing.assert_array_equal(t[:, g], t[:, g + 2])
+    np.testing.assert_array_equal(m[:, g + 2], m[:, g])
+    np.testing.assert_array_equal(m[:, g + 1] & both, m[:, g] & both)
+  assert (m[:, 0] != m[:, 3]).any()  # two prompts: their own draws
+  assert not (m[:, 1, 30:]).any()  # the short rollout's untrainable tail is never masked
+
+
+def test_complementary_masks_score_every_response_token_once_per_pair():
+  trainable = _trainable()
+  cfg = E.EBPOConfig(group_size=3, num_timesteps=4, noise="complementary")
+  t, m = cfg.draw_masks(jax.random.PRNGKey(2), trainable)
+  t, m = np.asarray(t), np.asarray(m)
+  for k in (0, 2):
+    np.testing.assert_allclose(t[k] + t[k + 1], 1.0, rtol=1e-6)
+    assert not (m[k] & m[k + 1]).any()
+    np.testing.assert_array_equal(m[k] | m[k + 1], np.asarray(trainable))
+  np.testing.assert_array_equal(m[:, 0], m[:, 2])  # shared within the group
+  with pytest.raises(ValueError, match="num_timesteps=3 must be even"):
+    E.EBPOConfig(num_timesteps=3, noise="complementary").validate()
+  with pytest.raises(ValueError, match="ebpo.noise 'fixed'"):
+    E.EBPOConfig(noise="fixed").validate()

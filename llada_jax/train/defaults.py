@@ -66,13 +66,16 @@ def base_config() -> ml_collections.ConfigDict:
   # draw each epoch, and no reference params stay on the devices; needs data.source).
   c.dpo = ml_collections.ConfigDict(dict(beta=0.1, reference="online"))
   # EBPO: G rollouts per prompt from our decoder (mode, thresholds: the decode settings; T2T
-  # editing off with editing_threshold=1.0), N timesteps per log-ratio with weights w_n (() =
-  # equal), the ratio clipped per block, per sequence or as the summed formula
-  # (llada_jax.train.ebpo).
+  # editing off with editing_threshold=1.0, which a model trained without the editing objective
+  # needs: LLaDA2.0 checkpoints, edit_rate = mtf_rate = 0), N timesteps per log-ratio with
+  # weights w_n (() = equal), the ratio clipped per block, per sequence or as the summed
+  # formula, the masks complementary in timestep pairs (noise="complementary", the lowest
+  # gradient variance), shared by a prompt's rollouts ("group") or drawn per row
+  # ("independent") (llada_jax.train.ebpo).
   c.ebpo = ml_collections.ConfigDict(dict(
       group_size=8, num_timesteps=2, timestep_weights=(), eps_low=0.2, eps_high=0.28,
-      ratio_level="block", updates_per_rollout=2, gen_length=16, mode="speedy",
-      temperature=1.0, threshold=0.5, editing_threshold=0.5, max_post_steps=2))
+      ratio_level="block", noise="complementary", updates_per_rollout=2, gen_length=16,
+      mode="speedy", temperature=1.0, threshold=0.5, editing_threshold=0.5, max_post_steps=2))
   # The EBPO reward by name (llada_jax.train.rewards): exact_match, math, code (the record's
   # tests run in a sandboxed subprocess), char_overlap, match_any.
   c.reward = "char_overlap"

@@ -182,7 +182,7 @@ def ebpo_step(spec: StepSpec, optimizer, state, batch, key=None, extra=None, row
 def ebpo_old_logprobs(params, batch, key, *, c: ModelConfig, ecfg: ebpo_lib.EBPOConfig):
   """The rollout policy's per-block log-probs: (masks `[B, N, L]`, old `[B, N, nb]`)."""
   trainable = batch["loss_mask"] & (batch["segment_ids"] >= 0)
-  _, masks_n = ebpo_lib.timestep_masks(key, trainable, ecfg.num_timesteps)
+  _, masks_n = ecfg.draw_masks(key, trainable)
   old = ebpo_lib.policy_block_logprobs(compute_params(params, c), c, batch, masks_n,
                                        ecfg.block_length, **ecfg.impl)
   return jnp.moveaxis(masks_n, 0, 1), jnp.moveaxis(old, 0, 1)
