@@ -3,7 +3,7 @@
   python experiments/ebpo_gradient_check.py [--reward exact_match] [--positive-only]
 
 Takes the `post_training.py` base model (run that first), decodes G = 8 Quality-mode samples at
-temperature 1 for each of 64 `bench_sort@train` prompts, computes the EBPO gradient of that batch
+temperature 1 (T2T off, as `post_training.py` decodes its M2T-trained models) for each of 64 `bench_sort@train` prompts, computes the EBPO gradient of that batch
 (group-normalised advantages; `--positive-only` keeps only A > 0, i.e. ascends the ELBO of the
 right answers), steps the params by `eta` along the normalised gradient, and reports for each
 eta: the correlation between the rows' new log-ratios and their advantages (positive when the
@@ -37,9 +37,10 @@ def main(argv=None) -> int:
   ap.add_argument("--reward", default="exact_match")
   ap.add_argument("--positive-only", action="store_true")
   ap.add_argument("--etas", default="0.003,0.01,0.03,0.1,0.3")
+  ap.add_argument("--base", default=os.path.join(P.OUT, "base", "hf"), help="the model (HF dir)")
   args = ap.parse_args(argv)
   tok = P.tokenizer()
-  c, params = llada_jax.load_hf_checkpoint(os.path.join(P.OUT, "base", "hf"))
+  c, params = llada_jax.load_hf_checkpoint(args.base)
   ex = toy_tasks.unique_examples(f"{P.TASK}@train", 64, 99)
   prompts, answers = [tok.encode(p) for p, _ in ex], [a for _, a in ex]
   reward = R.get_reward(args.reward)
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
     flat = [p for p in prompts for _ in range(G)]
     res = llada_jax.generate(params, c, flat, mode="quality", gen_length=P.GEN,
                              block_length=P.BLOCK, temperature=1.0, seed=seed, eos_id=tok.eos_id,
-                             mask_id=tok.mask_id, threshold=0.5, editing_threshold=0.5,
-                             max_post_steps=2)
+                             mask_id=tok.mask_id, threshold=0.5,
+                             editing_threshold=P.EDITING_THRESHOLD, max_post_steps=2)
     r = np.array([reward(tok.decode(o), {"answer": answers[i // G]})
                   for i, o in enumerate(res.output_ids)], np.float32)
     return flat, res.output_ids, r
@@ -60,9 +61,9 @@ def main(argv=None) -> int:
     adv = np.maximum(adv, 0.0)
   scored = [E.eos_pad(p, o, P.BLOCK, tok.eos_id) for p, o in zip(flat, outs)]
   batch = {k: jnp.asarray(v) for k, v in E.build_batch(flat, scored, P.SEQ, tok.pad_id).items()}
-  cfg = E.EBPOConfig(num_timesteps=2, block_length=P.BLOCK, moe_impl="dense")
+  cfg = E.EBPOConfig(group_size=G, num_timesteps=2, block_length=P.BLOCK, moe_impl="dense")
   trainable = batch["loss_mask"] & (batch["segment_ids"] >= 0)
-  _, masks = E.timestep_masks(jax.random.PRNGKey(0), trainable, 2)
+  _, masks = cfg.draw_masks(jax.random.PRNGKey(0), trainable)
   old = E.policy_block_logprobs(params, c, batch, masks, P.BLOCK, **cfg.impl)
   loss = lambda p: E.ebpo_loss(p, c, batch, masks, old, jnp.asarray(adv), cfg)[0]
   g = jax.grad(loss)(params)

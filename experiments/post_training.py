@@ -1,24 +1,29 @@
 """Post-training on data files, in miniature: EBPO with a verifiable reward and ELBO-DPO on
 preference pairs, each against an lr=0 control with the same seeds.
 
-  python experiments/post_training.py [--sft-steps 300] [--rl-steps 60] [--dpo-steps 60]
+  python experiments/post_training.py [--sft-steps 120] [--rl-steps 80] [--rl-prompts 16]
+      [--dpo-steps 60] [--noise-ablation]
 
 With `--task` (bench_add2, bench_rev) the same on another benchmark task, with its own result
 files; `bench_rev` is rewarded by exact match. The steps, for the default `bench_sort`:
 1. `base`: a small byte-level LLaDA2 MoE model (the miniature benchmark's widths) trained by the
-   `Trainer` for `--sft-steps` steps on `bench_sort@train` (sort 3-6 digits), few enough that
-   its sampled answers are right about half of the time: the regime where RL has signal.
+   `Trainer` for `--sft-steps` steps on `bench_sort@train` (sort 3-6 digits) with the M2T
+   objective, few enough that its sampled answers are right about half of the time: the regime
+   where RL has signal.
 2. Data files, as a user would bring them: `prompts.jsonl` (`{"prompt", "answer"}`, 512 training
    prompts) and `pairs.jsonl` (`{"prompt", "chosen", "rejected"}`: the right answer vs the
    answer with two digits swapped, another 512 prompts).
 3. EBPO from `base` on `prompts.jsonl` with `reward=math` (the final number of the response
-   against the answer), G = 8 rollouts per prompt from our decoder (Quality settings, T2T on,
-   temperature 1; the M2T-trained base model's Speedy samples, T2T at threshold 0, are wrong),
-   per-block clipped ratios; the same run with lr = 0 is the control: the same rollout seeds,
-   so their reward curves differ only by what the updates changed.
+   against the answer), G = 8 rollouts for each of `--rl-prompts` prompts per step from our
+   decoder (Quality settings at temperature 1, T2T off: see EDITING_THRESHOLD), per-block
+   clipped ratios, the masks shared by a prompt's rollouts (`ebpo.noise="group"`: the recorded
+   run predates the variance measurement that made "complementary" the trainer's default, and
+   `--noise-ablation` also runs "independent" and "complementary"); the same run with lr = 0 is
+   the control: the same rollout seeds, so their reward curves differ only by what the updates
+   changed.
 4. ELBO-DPO from `base` on `pairs.jsonl`, and its lr = 0 control.
 5. Every model is measured on 256 held-out prompts (`bench_sort@test`, never in the data files):
-   greedy accuracy in Quality mode, and the accuracy of temperature-1 samples (4 seeds).
+   greedy accuracy in Quality mode, and the accuracy of temperature-1 samples (4 seeds), T2T off.
 Writes `experiments/results/post_training.{json,md}` and `post_training.png` (with `--task`
 another benchmark task, e.g. `bench_add2`: `post_training_bench_add2.*`).
 """
@@ -57,6 +62,11 @@ MODEL = dict(BYTE_IDS, hidden_size=128, num_hidden_layers=3, num_attention_heads
              num_experts_per_tok=2, moe_intermediate_size=64, n_group=4, topk_group=2,
              max_position_embeddings=64)
 TEST_SEED, DATA_SEED = 12345, 777
+# The base model is trained on the M2T objective only: its predictions at unmasked positions were
+# never trained, so T2T edits (editing_threshold < 1) rewrite right answers at random (300 SFT
+# steps: held-out greedy accuracy 0.98 with T2T off, 0.37 with the Quality preset's 0.5).
+# Rollouts and evaluation decode with T2T off.
+EDITING_THRESHOLD = 1.0
 
 
 def tokenizer() -> ByteTokenizer:
@@ -85,13 +95,14 @@ def sft_config(steps: int, task: str = ""):
   return c
 
 
-def ebpo_config(steps: int, lr: float, base: str, prompts: str, reward: str = "math"):
+def ebpo_config(steps: int, lr: float, base: str, prompts: str, reward: str = "math",
+                prompts_per_step: int = 4, noise: str = "group"):
   c = _base_config("ebpo", steps, lr)
   c.init_from, c.data.source, c.reward = base, prompts, reward
   c.data.eos_padding = "block"  # score the whole decoded block, as the base model was trained
-  c.data.batch_size = 4  # prompts per step; x G rollouts each
+  c.data.batch_size = prompts_per_step  # x G rollouts each
   c.ebpo.update(dict(group_size=8, gen_length=GEN, mode="quality", temperature=1.0,
-                     updates_per_rollout=2))
+                     editing_threshold=EDITING_THRESHOLD, updates_per_rollout=2, noise=noise))
   return c
 
 
@@ -161,7 +172,8 @@ def run(name: str, cfg, cache: bool = False) -> dict:
 def evaluate(hf: str, examples, tok) -> dict:
   """Greedy and temperature-1 (4 seeds) accuracy in Quality mode on `examples`."""
   c, params = llada_jax.load_hf_checkpoint(hf)
-  kw = dict(gen_length=GEN, block_length=BLOCK, eos_id=tok.eos_id, mask_id=tok.mask_id)
+  kw = dict(gen_length=GEN, block_length=BLOCK, eos_id=tok.eos_id, mask_id=tok.mask_id,
+            editing_threshold=EDITING_THRESHOLD)
   greedy = evaluate_setting(params, c, examples, tok, name="greedy", mode="quality", **kw)
   sampled = [evaluate_setting(params, c, examples, tok, name="sampled", mode="quality",
                               temperature=1.0, seed=s, **kw)["accuracy"] for s in range(4)]
@@ -173,8 +185,22 @@ def window_mean(values, lo: int, hi: int) -> float:
   return float(np.mean(values[lo:hi]))
 
 
+NOISE_RUNS = {"ebpo": "group", "ebpo_independent": "independent",
+              "ebpo_complementary": "complementary"}  # --noise-ablation: the last two
+
+
+def paired_gain(rows, control_rows, start: int) -> tuple[float, float]:
+  """(mean, standard error) over steps >= `start` (1-based) of the step's rollout reward minus
+  the lr = 0 control's at the same step (the same prompts and rollout seeds)."""
+  a = {r["step"]: r["reward"] for r in rows}
+  b = {r["step"]: r["reward"] for r in control_rows}
+  d = np.array([a[k] - b[k] for k in sorted(a) if k >= start and k in b], np.float64)
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
 def summarise(runs: dict, evals: dict, meta: dict) -> dict:
-  """The tables' numbers: per run, the metric at the start and at the end (10-step means)."""
+  """The tables' numbers: per run, the metric at the start and at the end (10-step means) and,
+  for EBPO, the paired gain over the control in the second half of the run."""
   out = {}
   for name, r in runs.items():
     rows = r["rows"]
@@ -187,6 +213,9 @@ def summarise(runs: dict, evals: dict, meta: dict) -> dict:
       for k in ("clip_fraction_last", "live_last", "ratio_std_last", "response_length"):
         xs = [row[k] for row in rows if k in row]
         out[name][k] = float(np.mean(xs)) if xs else None
+      half = len(rows) // 2 + 1
+      out[name]["gain_from_step"] = half
+      out[name]["gain"], out[name]["gain_se"] = paired_gain(rows, runs["ebpo_lr0"]["rows"], half)
     else:
       xs = [row["margin"] for row in rows]
       out[name]["margin_first10"] = window_mean(xs, 0, 10)
@@ -199,10 +228,8 @@ def write_markdown(path: str, summary: dict, base_eval: dict, meta: dict) -> Non
   lines = [
       "# Post-training in miniature: EBPO (verifiable reward) and ELBO-DPO (preference pairs)",
       "",
-      f"`python experiments/post_training.py{'' if TASK == 'bench_sort' else ' --task ' + TASK} "
-      f"--sft-steps {meta['sft_steps']} --rl-steps "
-      f"{meta['rl_steps']} --dpo-steps {meta['dpo_steps']}` ({hardware_line(meta['hardware'])}; "
-      f"{meta['total_s']:.0f} s in all).",
+      f"`{' '.join(['python experiments/post_training.py', *meta['argv']])}` "
+      f"({hardware_line(meta['hardware'])}; {meta['total_s']:.0f} s in all).",
       "",
       f"Base model: {meta['sft_steps']} SFT steps on `{TASK}@train` ({TASK_TEXT[TASK]}). Data "
       f"files: `prompts.jsonl` ({meta['n_prompts']} prompts with answers), `pairs.jsonl` "
@@ -210,21 +237,28 @@ def write_markdown(path: str, summary: dict, base_eval: dict, meta: dict) -> Non
       f"{meta['n_test']} `{TASK}@test` prompts (none in the data files). Controls: the same run "
       "with lr = 0 (same data order, rollout and noise seeds).",
       "",
-      "## EBPO (G = 8, Quality rollouts at temperature 1)",
+      "## EBPO (G = 8, Quality rollouts at temperature 1, T2T off)",
       "",
-      f"From the base on `prompts.jsonl` with `reward={REWARD.get(TASK, 'math')}`, lr {meta['rl_lr']:g}, 2 updates per "
-      "rollout, per-block clipped ratios.",
+      f"From the base on `prompts.jsonl` with `reward={REWARD.get(TASK, 'math')}`, "
+      f"{meta['rl_prompts']} prompts x 8 rollouts per step, lr {meta['rl_lr']:g}, 2 updates per "
+      "rollout, per-block clipped ratios. Gain: the step's rollout reward minus the control's "
+      "at the same step (same prompts, same rollout seeds), averaged over the second half of the "
+      "run, +- its standard error.",
       "",
-      "| run | reward, steps 1-10 | reward, last 10 | clip fraction (2nd update) | live rows "
-      "(2nd update) | held-out greedy acc. | held-out sampled acc. |",
-      "|---|---|---|---|---|---|---|",
+      "| run | ebpo.noise | reward, steps 1-10 | reward, last 10 | gain over the control | clip "
+      "fraction (2nd update) | live rows (2nd update) | held-out greedy acc. | held-out sampled "
+      "acc. |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
-  for name in ("ebpo", "ebpo_lr0"):
+  for name in [n for n in (*NOISE_RUNS, "ebpo_lr0") if n in s]:
     r = s[name]
     held = (f"{r['greedy_accuracy']:.3f} | {r['sampled_accuracy']:.3f}" if "greedy_accuracy" in r
             else "- | -")
-    lines.append(f"| {name} | {r['first10']:.3f} | {r['last10']:.3f} | "
-                 f"{r['clip_fraction_last']:.3f} | {r['live_last']:.2f} | {held} |")
+    gain = (f"{r['gain']:+.3f} +- {r['gain_se']:.3f} (steps {r['gain_from_step']}+)"
+            if name != "ebpo_lr0" else "-")
+    lines.append(f"| {name} | {NOISE_RUNS.get(name, '-')} | {r['first10']:.3f} | "
+                 f"{r['last10']:.3f} | {gain} | {r['clip_fraction_last']:.3f} | "
+                 f"{r['live_last']:.2f} | {held} |")
   lines += [
       "",
       "## ELBO-DPO on `pairs.jsonl` (beta 0.1)",
@@ -246,6 +280,8 @@ def write_markdown(path: str, summary: dict, base_eval: dict, meta: dict) -> Non
 
 
 def plot(runs: dict, path: str) -> None:
+  """Rollout reward per EBPO run and the control, each run's paired gain over the control (the
+  per-step difference, cumulative mean from the first step), and DPO's margin."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -254,17 +290,34 @@ def plot(runs: dict, path: str) -> None:
     x = np.asarray(x, float)
     return np.convolve(x, np.ones(k) / k, mode="valid") if len(x) >= k else x
 
+  def series(name, key):
+    rows = [r for r in runs[name]["rows"] if key in r]
+    return np.array([r["step"] for r in rows]), np.array([r[key] for r in rows], float)
+
+  colors = {"ebpo": "tab:blue", "ebpo_independent": "tab:orange",
+            "ebpo_complementary": "tab:green", "dpo": "tab:blue"}
+  ebpo = [n for n in NOISE_RUNS if n in runs]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  panels = ((axes[0], ("ebpo", "ebpo_lr0"), "reward", "EBPO: rollout reward (mean of 32)"),
-            (axes[1], ("ebpo",), "clip_fraction_last", "EBPO: clipped ratios, 2nd update"),
-            (axes[2], ("dpo", "dpo_lr0"), "margin", "ELBO-DPO: reward margin"))
-  for ax, names, key, title in panels:
-    for name in names:
-      rows = [r for r in runs[name]["rows"] if key in r]
-      steps = [r["step"] for r in rows]
-      ys = smooth([r[key] for r in rows])
-      ax.plot(steps[len(steps) - len(ys):], ys, label=f"{name} (5-step mean)",
-              color="tab:gray" if name.endswith("lr0") else "tab:blue")
+  for name in (*ebpo, "ebpo_lr0"):
+    steps, ys = series(name, "reward")
+    ys = smooth(ys)
+    axes[0].plot(steps[len(steps) - len(ys):], ys, color=colors.get(name, "tab:gray"),
+                 label=f"{name} (5-step mean)")
+  _, control = series("ebpo_lr0", "reward")
+  for name in ebpo:
+    steps, ys = series(name, "reward")
+    n = min(len(ys), len(control))
+    gain = np.cumsum(ys[:n] - control[:n]) / np.arange(1, n + 1)
+    axes[1].plot(steps[:n], gain, color=colors[name], label=f"{name} - ebpo_lr0")
+  axes[1].axhline(0.0, color="tab:gray", lw=0.8)
+  for name in ("dpo", "dpo_lr0"):
+    steps, ys = series(name, "margin")
+    ys = smooth(ys)
+    axes[2].plot(steps[len(steps) - len(ys):], ys, color=colors.get(name, "tab:gray"),
+                 label=f"{name} (5-step mean)")
+  titles = ("EBPO: rollout reward", "EBPO: reward minus the control's, mean over steps 1..k",
+            "ELBO-DPO: reward margin")
+  for ax, title in zip(axes, titles):
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -277,11 +330,15 @@ def plot(runs: dict, path: str) -> None:
 def main(argv=None) -> int:
   global OUT, RESULTS, TASK
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--sft-steps", type=int, default=300)
-  ap.add_argument("--rl-steps", type=int, default=60)
+  ap.add_argument("--sft-steps", type=int, default=120)
+  ap.add_argument("--rl-steps", type=int, default=80)
   ap.add_argument("--dpo-steps", type=int, default=60)
   ap.add_argument("--rl-lr", type=float, default=1e-4)
   ap.add_argument("--dpo-lr", type=float, default=1e-4)
+  ap.add_argument("--rl-prompts", type=int, default=16, help="EBPO prompts per step (x 8 "
+                  "rollouts)")
+  ap.add_argument("--noise-ablation", action="store_true", help="also EBPO with ebpo.noise="
+                  "independent and complementary")
   ap.add_argument("--n-test", type=int, default=256)
   ap.add_argument("--base-only", action="store_true", help="train and measure the base model")
   ap.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASK_TEXT))
@@ -307,17 +364,21 @@ def main(argv=None) -> int:
   if args.base_only:
     return 0
   reward = REWARD.get(TASK, "math")
+  rl = dict(reward=reward, prompts_per_step=args.rl_prompts)
+  ebpo_runs = {n: v for n, v in NOISE_RUNS.items() if n == "ebpo" or args.noise_ablation}
   runs = {
-      "ebpo": run("ebpo", ebpo_config(args.rl_steps, args.rl_lr, base["hf"], prompts, reward)),
-      "ebpo_lr0": run("ebpo_lr0", ebpo_config(args.rl_steps, 0.0, base["hf"], prompts, reward)),
+      **{n: run(n, ebpo_config(args.rl_steps, args.rl_lr, base["hf"], prompts, noise=v, **rl))
+         for n, v in ebpo_runs.items()},
+      "ebpo_lr0": run("ebpo_lr0", ebpo_config(args.rl_steps, 0.0, base["hf"], prompts, **rl)),
       "dpo": run("dpo", dpo_config(args.dpo_steps, args.dpo_lr, base["hf"], pairs)),
       "dpo_lr0": run("dpo_lr0", dpo_config(args.dpo_steps, 0.0, base["hf"], pairs)),
   }
   for name, r in runs.items():
     evals[name] = evaluate(r["hf"], examples, tok)
     print(f"[{name}] held out: {evals[name]}", flush=True)
-  meta = dict(hardware=hardware(), stem=stem, task=TASK, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
-              dpo_steps=args.dpo_steps, rl_lr=args.rl_lr, dpo_lr=args.dpo_lr,
+  meta = dict(hardware=hardware(), stem=stem, rl_prompts=args.rl_prompts,
+              argv=list(sys.argv[1:] if argv is None else argv), task=TASK,
+              sft_steps=args.sft_steps, rl_steps=args.rl_steps, dpo_steps=args.dpo_steps, rl_lr=args.rl_lr, dpo_lr=args.dpo_lr,
               n_test=len(examples), n_prompts=512, n_pairs=512,
               total_s=time.perf_counter() - t0, base_seconds=base["seconds"])
   summary = summarise(runs, evals, meta)

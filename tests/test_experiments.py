@@ -122,6 +122,15 @@ def test_idiom_corpus_is_python_and_keeps_its_held_out_words_out_of_training():
 
 
 @pytest.mark.slow
+def test_paired_gain_compares_the_same_steps_of_run_and_control():
+  from experiments.post_training import paired_gain
+  run = [{"step": k, "reward": r} for k, r in enumerate([0.5, 0.5, 0.7, 0.9], 1)]
+  control = [{"step": k, "reward": r} for k, r in enumerate([0.5, 0.6, 0.5, 0.6], 1)]
+  mean, se = paired_gain(run, control, start=3)  # steps 3 and 4: +0.2, +0.3
+  assert mean == pytest.approx(0.25) and se == pytest.approx(0.05)
+  assert paired_gain(run, control, start=1)[0] == pytest.approx(0.1)
+
+
 def test_post_training_experiment_runs_end_to_end(tmp_path):
   """`experiments/post_training.py` in miniature (a few steps each): the data files, the base
   model, EBPO / DPO and their lr = 0 controls, the held-out evaluation, the tables and the plot."""
@@ -129,7 +138,8 @@ def test_post_training_experiment_runs_end_to_end(tmp_path):
   from experiments import post_training
   res = tmp_path / "results"
   assert post_training.main(["--sft-steps", "4", "--rl-steps", "3", "--dpo-steps", "3",
-                             "--n-test", "8", "--workdir", str(tmp_path / "work"),
+                             "--rl-prompts", "2", "--n-test", "8",
+                             "--workdir", str(tmp_path / "work"),
                              "--results", str(res)]) == 0
   rec = json.loads((res / "post_training.json").read_text())
   assert set(rec["summary"]) == {"ebpo", "ebpo_lr0", "dpo", "dpo_lr0"}
@@ -138,7 +148,9 @@ def test_post_training_experiment_runs_end_to_end(tmp_path):
   assert len(rec["curves"]["ebpo"]) == 3 and len(rec["curves"]["dpo"]) == 3
   # the lr = 0 control does not move: its policy equals its reference (margin 0 at every step)
   assert all(abs(r["margin"]) < 1e-5 for r in rec["curves"]["dpo_lr0"])
+  assert rec["summary"]["ebpo"]["gain_from_step"] == 2  # the second half of 3 steps
   md = (res / "post_training.md").read_text()
   assert "| ebpo_lr0 |" in md and "| dpo |" in md and (res / "post_training.png").stat().st_size
+  assert "post_training.py --sft-steps 4 --rl-steps 3" in md  # the command, as it was run
   with open(tmp_path / "work" / "prompts.jsonl") as f:
     assert all({"prompt", "answer"} <= set(json.loads(line)) for line in f)
