@@ -96,7 +96,7 @@ def sft_config(steps: int, task: str = ""):
 
 
 def ebpo_config(steps: int, lr: float, base: str, prompts: str, reward: str = "math",
-                prompts_per_step: int = 4, noise: str = "group"):
+                prompts_per_step: int = 16, noise: str = "group"):
   c = _base_config("ebpo", steps, lr)
   c.init_from, c.data.source, c.reward = base, prompts, reward
   c.data.eos_padding = "block"  # score the whole decoded block, as the base model was trained

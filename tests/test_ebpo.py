@@ -99,7 +99,7 @@ def test_bad_settings_are_one_line():
     E.EBPOConfig(ratio_level="token").validate()
   with pytest.raises(ValueError, match="must be 2 non-negative numbers"):
     E.EBPOConfig(num_timesteps=2, weights=(1.0,)).validate()
-  E.EBPOConfig(num_timesteps=2, weights=(0.0, 1.0)).validate()
+  E.EBPOConfig(num_timesteps=2, weights=(0.0, 1.0), noise="independent").validate()
 
 
 def test_eos_pad_fills_the_answers_block():
@@ -117,12 +117,13 @@ def _trainable(b=6, length=40, start=8):
 
 def test_independent_masks_differ_between_rows_and_stay_on_trainable_positions():
   trainable = _trainable()
-  t, m = E.timestep_masks(jax.random.PRNGKey(0), trainable, 4)
+  t, m = E.EBPOConfig(group_size=3, num_timesteps=4, noise="independent").draw_masks(
+      jax.random.PRNGKey(0), trainable)
   assert t.shape == (4, 6) and m.shape == (4, 6, 40)
   assert not bool((m & ~trainable[None]).any())
   t_np = np.asarray(t)
-  for n in range(4):  # stratified: t_n in (n/N, (n+1)/N]
-    assert ((t_np[n] > n / 4) & (t_np[n] <= (n + 1) / 4)).all()
+  for n in range(4):  # stratified: t_n in [n/N, (n+1)/N)
+    assert ((t_np[n] >= n / 4) & (t_np[n] < (n + 1) / 4)).all()
   assert len({np.asarray(m[1, i]).tobytes() for i in range(6)}) == 6
 
 
@@ -155,3 +156,9 @@ def test_complementary_masks_score_every_response_token_once_per_pair():
     E.EBPOConfig(num_timesteps=3, noise="complementary").validate()
   with pytest.raises(ValueError, match="ebpo.noise 'fixed'"):
     E.EBPOConfig(noise="fixed").validate()
+  with pytest.raises(ValueError, match="equal within each pair"):
+    E.EBPOConfig(num_timesteps=2, weights=(0.25, 0.75), noise="complementary").validate()
+  E.EBPOConfig(num_timesteps=4, weights=(1.0, 1.0, 3.0, 3.0), noise="complementary").validate()
+  for k in (0, 2):  # one draw per pair, stratified over N/2 strata: t_0 in [0, .5), t_2 in [.5, 1)
+    assert ((t[k] >= k / 4) & (t[k] < (k + 2) / 4)).all()
+  assert (m[:, 0] != m[:, 3]).any()  # the next prompt's group has its own draws

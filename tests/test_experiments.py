@@ -121,7 +121,6 @@ def test_idiom_corpus_is_python_and_keeps_its_held_out_words_out_of_training():
   assert any(d.count("def __init__") for d in train) and any("Args:" in d for d in train)
 
 
-@pytest.mark.slow
 def test_paired_gain_compares_the_same_steps_of_run_and_control():
   from experiments.post_training import paired_gain
   run = [{"step": k, "reward": r} for k, r in enumerate([0.5, 0.5, 0.7, 0.9], 1)]
@@ -131,6 +130,7 @@ def test_paired_gain_compares_the_same_steps_of_run_and_control():
   assert paired_gain(run, control, start=1)[0] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_post_training_experiment_runs_end_to_end(tmp_path):
   """`experiments/post_training.py` in miniature (a few steps each): the data files, the base
   model, EBPO / DPO and their lr = 0 controls, the held-out evaluation, the tables and the plot."""

@@ -20,11 +20,11 @@ gradient (`experiments/results/ebpo_noise_variance.md`):
   * "complementary" (default): the N timesteps come in pairs (t, 1 - t) whose masks are
     complements over the response (the coupled sampling of DiffuCoder's coupled-GRPO), so
     every response token is scored exactly once per pair; the G rollouts of a prompt share
-    their draws. Needs an even N. Measured: a quarter of the gradient variance of
-    "independent".
+    their draws. Needs an even N (and equal weights within each pair). Measured on one batch
+    (16 draws): a quarter of the gradient variance of "independent".
   * "group": the G rollouts of a prompt share their timesteps and the uniform draws that pick
     the masked positions (where two responses agree, the same tokens are masked in both).
-    Measured: 1.6x the variance of "independent" (fewer distinct draws per prompt).
+    Measured on the same batch: 1.6x the variance of "independent".
   * "independent": every row its own timesteps and masked positions.
 """
 
@@ -66,12 +66,16 @@ class EBPOConfig:
       raise ValueError(f"ebpo.noise {self.noise!r} (choose from {', '.join(NOISES)})")
     if self.noise == "complementary" and self.num_timesteps % 2:
       raise ValueError(f"ebpo.noise='complementary' pairs the timesteps: ebpo.num_timesteps="
-                       f"{self.num_timesteps} must be even")
+                       f"{self.num_timesteps} must be even (or set ebpo.noise='independent')")
     if self.weights and (len(self.weights) != self.num_timesteps
                          or any(not w >= 0 for w in self.weights) or sum(self.weights) <= 0):
       raise ValueError(f"ebpo.timestep_weights={tuple(self.weights)} must be "
                        f"{self.num_timesteps} non-negative numbers (one per timestep, "
                        "ebpo.num_timesteps) with a positive sum, or () for equal weights")
+    w = tuple(self.weights)
+    if self.noise == "complementary" and any(w[k] != w[k + 1] for k in range(0, len(w), 2)):
+      raise ValueError(f"ebpo.noise='complementary' scores each token once per timestep pair: "
+                       f"ebpo.timestep_weights={w} must be equal within each pair (2k, 2k+1)")
 
   def draw_masks(self, key, trainable: jax.Array):
     """(timesteps `[N, B]`, masks `[N, B, L]`) for rows in prompt groups (`noise`)."""
@@ -99,7 +103,7 @@ def timestep_masks(key, trainable: jax.Array, n: int, group_size: int = 1,
                    complementary: bool = False):
   """Timesteps `[N, B]` and masks `[N, B, L]` over the `trainable` `[B, L]` positions.
 
-  t_n is stratified in (n/N, (n+1)/N]. Rows come in groups of `group_size` consecutive rows
+  t_n is stratified in [n/N, (n+1)/N). Rows come in groups of `group_size` consecutive rows
   (a prompt's rollouts) that share their t_n and uniform draws (1: every row its own). With
   `complementary` (N even) timesteps 2k and 2k+1 are (t, 1 - t) with t stratified over N/2
   strata, and mask 2k+1 is the complement of mask 2k on the trainable positions."""
