@@ -125,9 +125,9 @@ def code_model_config(corpus: str = "stdlib_code", *, editing: bool = True
                       ) -> ml_collections.ConfigDict:
   """What the default code model's stages (`configs/code_*.py`) share: the corpus `corpus`
   (`stdlib_code` or `idiom_mix`) in rows of 128 tokens, 8 per batch, block 32, t in [0.1, 1],
-  warmup 20, logs every 20 steps; with `editing` the LLaDA2.1 mixed objective (10% of the
-  visible tokens corrupted with random ids, `edit_weight` = `keep_weight` = 1, no MTF: its
-  self-drafts cost a second forward) on a cosine schedule."""
+  warmup 20, logs every 20 steps (the base config's cosine schedule); with `editing` the
+  LLaDA2.1 mixed objective (10% of the visible tokens corrupted with random ids, `edit_weight` =
+  `keep_weight` = 1, no MTF: its self-drafts cost a second forward)."""
   c = base_config()
   c.data.kind = "pretrain"
   c.data.name = corpus
@@ -143,7 +143,6 @@ def code_model_config(corpus: str = "stdlib_code", *, editing: bool = True
     c.objective.mtf_rate = 0.0
     c.objective.edit_weight = 1.0
     c.objective.keep_weight = 1.0
-    c.optim.schedule = "cosine"
   return c
 
 

@@ -251,7 +251,7 @@ def ebpo_config(cfg, block: int, tp=None) -> ebpo_lib.EBPOConfig:
       group_size=e.group_size, num_timesteps=e.num_timesteps,
       weights=tuple(float(w) for w in e.get("timestep_weights", ())), eps_low=e.eps_low,
       eps_high=e.eps_high, ratio_level=e.get("ratio_level", "block"),
-      noise=e.get("noise", "complementary"), block_length=block,
+      noise=e.get("noise", ebpo_lib.EBPOConfig.noise), block_length=block,
       **impl)
 
 
