@@ -298,11 +298,14 @@ def plot(runs: dict, path: str) -> None:
             "ebpo_complementary": "tab:green", "dpo": "tab:blue"}
   ebpo = [n for n in NOISE_RUNS if n in runs]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  for name in (*ebpo, "ebpo_lr0"):
-    steps, ys = series(name, "reward")
+  def smoothed(ax, name, key):
+    steps, ys = series(name, key)
     ys = smooth(ys)
-    axes[0].plot(steps[len(steps) - len(ys):], ys, color=colors.get(name, "tab:gray"),
-                 label=f"{name} (5-step mean)")
+    ax.plot(steps[len(steps) - len(ys):], ys, color=colors.get(name, "tab:gray"),
+            label=f"{name} (5-step mean)")
+
+  for name in (*ebpo, "ebpo_lr0"):
+    smoothed(axes[0], name, "reward")
   _, control = series("ebpo_lr0", "reward")
   for name in ebpo:
     steps, ys = series(name, "reward")
@@ -311,10 +314,7 @@ def plot(runs: dict, path: str) -> None:
     axes[1].plot(steps[:n], gain, color=colors[name], label=f"{name} - ebpo_lr0")
   axes[1].axhline(0.0, color="tab:gray", lw=0.8)
   for name in ("dpo", "dpo_lr0"):
-    steps, ys = series(name, "margin")
-    ys = smooth(ys)
-    axes[2].plot(steps[len(steps) - len(ys):], ys, color=colors.get(name, "tab:gray"),
-                 label=f"{name} (5-step mean)")
+    smoothed(axes[2], name, "margin")
   titles = ("EBPO: rollout reward", "EBPO: reward minus the control's, mean over steps 1..k",
             "ELBO-DPO: reward margin")
   for ax, title in zip(axes, titles):
